@@ -1,0 +1,19 @@
+//! zone-ingress: an eBPF-accelerated ZoneIngress for multi-zone Kuma.
+//!
+//! Modules in the order data flows through them:
+//! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
+//! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
+//! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
+//! [`stats`] and [`admin`] observe; [`reload`] swaps route tables.
+
+pub mod admin;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod listener;
+pub mod reload;
+pub mod routes;
+pub mod stats;
+pub mod tls;
+pub mod upstream;
