@@ -596,3 +596,595 @@ fn handshake_type_name(t: u8) -> &'static str {
         _ => "not a ClientHello",
     }
 }
+
+/// Builders for test ClientHellos, shared with the reader tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::sync::Arc;
+
+    pub(crate) const MS_SNI: &str = "a601e0c00295a9fbe.backend.80.default.ms";
+    pub(crate) const LEGACY_SNI: &[u8] = b"backend{mesh=default,version=v2}";
+
+    /// A real ClientHello as rustls sends it (first flight, one or more records).
+    pub(crate) fn rustls_hello(sni: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider);
+        let builder = if tls12_only {
+            builder.with_protocol_versions(&[&rustls::version::TLS12])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        }
+        .expect("ring supports the protocol versions");
+        let mut config = builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).expect("DNS name");
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config), name).expect("client connection");
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).expect("write to Vec");
+        }
+        out
+    }
+
+    /// Hand-built ClientHello, for what rustls will not send (non-DNS SNIs, broken fields).
+    #[derive(Clone)]
+    pub(crate) struct HelloBuilder {
+        pub version: u16,
+        pub session_id: Vec<u8>,
+        pub ciphers: Vec<u8>,
+        pub compression: Vec<u8>,
+        /// `None` ends the hello after compression_methods (no extensions block at all).
+        pub extensions: Option<Vec<(u16, Vec<u8>)>>,
+    }
+
+    impl HelloBuilder {
+        pub(crate) fn new() -> Self {
+            HelloBuilder {
+                version: 0x0303,
+                session_id: vec![7; 32],
+                ciphers: vec![0x13, 0x01, 0xc0, 0x2f],
+                compression: vec![0],
+                extensions: Some(Vec::new()),
+            }
+        }
+
+        pub(crate) fn ext(mut self, ext_type: u16, body: Vec<u8>) -> Self {
+            self.extensions
+                .get_or_insert_with(Vec::new)
+                .push((ext_type, body));
+            self
+        }
+
+        pub(crate) fn sni(self, name: &[u8]) -> Self {
+            self.ext(0, server_name_ext(&[(0, name)]))
+        }
+
+        pub(crate) fn alpn(self, protocols: &[&[u8]]) -> Self {
+            let mut list = Vec::new();
+            for p in protocols {
+                list.push(u8::try_from(p.len()).expect("short protocol"));
+                list.extend_from_slice(p);
+            }
+            self.ext(16, with_u16_len(&list))
+        }
+
+        /// The handshake message: 4-byte header and body.
+        pub(crate) fn message(&self) -> Vec<u8> {
+            let mut b = Vec::new();
+            b.extend_from_slice(&self.version.to_be_bytes());
+            b.extend_from_slice(&[0x42; 32]);
+            b.push(u8::try_from(self.session_id.len()).expect("short session id"));
+            b.extend_from_slice(&self.session_id);
+            b.extend_from_slice(&with_u16_len(&self.ciphers));
+            b.push(u8::try_from(self.compression.len()).expect("short list"));
+            b.extend_from_slice(&self.compression);
+            if let Some(exts) = &self.extensions {
+                let mut block = Vec::new();
+                for (t, body) in exts {
+                    block.extend_from_slice(&t.to_be_bytes());
+                    block.extend_from_slice(&with_u16_len(body));
+                }
+                b.extend_from_slice(&with_u16_len(&block));
+            }
+            handshake(1, &b)
+        }
+
+        /// The message in a single TLS record.
+        pub(crate) fn bytes(&self) -> Vec<u8> {
+            records(&self.message(), &[])
+        }
+    }
+
+    pub(crate) fn handshake(msg_type: u8, body: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(body.len()).expect("short body").to_be_bytes();
+        let mut m = vec![msg_type, len[1], len[2], len[3]];
+        m.extend_from_slice(body);
+        m
+    }
+
+    pub(crate) fn with_u16_len(bytes: &[u8]) -> Vec<u8> {
+        let mut v = u16::try_from(bytes.len())
+            .expect("fits u16")
+            .to_be_bytes()
+            .to_vec();
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    pub(crate) fn server_name_ext(entries: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for (name_type, name) in entries {
+            list.push(*name_type);
+            list.extend_from_slice(&with_u16_len(name));
+        }
+        with_u16_len(&list)
+    }
+
+    pub(crate) fn record(content_type: u8, payload: &[u8]) -> Vec<u8> {
+        let mut r = vec![content_type, 3, 1];
+        r.extend_from_slice(&with_u16_len(payload));
+        r
+    }
+
+    /// Splits `msg` into handshake records of the given payload sizes; whatever remains goes
+    /// into one last record. Zero sizes are skipped (empty handshake records are illegal).
+    pub(crate) fn records(msg: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = msg;
+        for &size in sizes {
+            if rest.is_empty() {
+                break;
+            }
+            if size == 0 {
+                continue;
+            }
+            let (head, tail) = rest.split_at(size.min(rest.len()));
+            out.extend_from_slice(&record(22, head));
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            out.extend_from_slice(&record(22, rest));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn done(buf: &[u8]) -> ClientHello {
+        match parse_client_hello(buf) {
+            Ok(Progress::Done(h)) => h,
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    fn err(buf: &[u8]) -> ParseError {
+        match parse_client_hello(buf) {
+            Err(e) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    fn assert_malformed(buf: &[u8], needle: &str) {
+        match err(buf) {
+            ParseError::Malformed(m) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+            e => panic!("expected Malformed({needle}), got {e:?}"),
+        }
+    }
+
+    fn assert_prefixes_need_more(buf: &[u8]) {
+        for n in 0..buf.len() {
+            assert_eq!(
+                parse_client_hello(&buf[..n]),
+                Ok(Progress::NeedMore),
+                "prefix of {n}/{} bytes",
+                buf.len()
+            );
+        }
+    }
+
+    #[test]
+    fn rustls_tls13_hello_with_mesh_service_sni() {
+        let bytes = rustls_hello(MS_SNI, &[b"kuma"], false);
+        let hello = done(&bytes);
+        assert_eq!(hello.sni.as_deref(), Some(MS_SNI.as_bytes()));
+        assert_eq!(hello.alpn, vec![b"kuma".to_vec()]);
+        assert_eq!(hello.legacy_version, 0x0303);
+        assert_eq!(hello.records_len, bytes.len());
+        assert_prefixes_need_more(&bytes);
+    }
+
+    #[test]
+    fn rustls_tls12_only_hello() {
+        let bytes = rustls_hello(MS_SNI, &[b"kuma", b"h2"], true);
+        let hello = done(&bytes);
+        assert_eq!(hello.sni.as_deref(), Some(MS_SNI.as_bytes()));
+        assert_eq!(hello.alpn, vec![b"kuma".to_vec(), b"h2".to_vec()]);
+        assert_eq!(hello.records_len, bytes.len());
+    }
+
+    #[test]
+    fn legacy_tag_sni_is_accepted_verbatim() {
+        let bytes = HelloBuilder::new().sni(LEGACY_SNI).alpn(&[b"kuma"]).bytes();
+        let hello = done(&bytes);
+        assert_eq!(hello.sni.as_deref(), Some(LEGACY_SNI));
+        assert_eq!(hello.alpn, vec![b"kuma".to_vec()]);
+        assert_eq!(hello.records_len, bytes.len());
+    }
+
+    #[test]
+    fn legacy_sni_fragmented_across_three_records() {
+        let msg = HelloBuilder::new()
+            .sni(LEGACY_SNI)
+            .alpn(&[b"kuma"])
+            .message();
+        let third = msg.len() / 3;
+        let bytes = records(&msg, &[third, third]);
+        assert_eq!(bytes.len(), msg.len() + 3 * 5, "three records");
+        let hello = done(&bytes);
+        assert_eq!(hello.sni.as_deref(), Some(LEGACY_SNI));
+        assert_eq!(hello.records_len, bytes.len());
+        assert_prefixes_need_more(&bytes);
+    }
+
+    #[test]
+    fn handshake_header_split_across_records() {
+        let msg = HelloBuilder::new().sni(LEGACY_SNI).message();
+        let bytes = records(&msg, &[1, 2, 1, 10]);
+        assert_eq!(done(&bytes).sni.as_deref(), Some(LEGACY_SNI));
+        assert_prefixes_need_more(&bytes);
+    }
+
+    #[test]
+    fn any_bytes_in_host_name() {
+        let name: &[u8] = b"\x00\xff{a=b,c=d} \r\n\xc3\xa9";
+        assert_eq!(
+            done(&HelloBuilder::new().sni(name).bytes()).sni.as_deref(),
+            Some(name)
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_hello_are_not_part_of_it() {
+        let hello = HelloBuilder::new().sni(LEGACY_SNI).bytes();
+        let mut bytes = hello.clone();
+        bytes.extend_from_slice(&record(20, &[1])); // TLS 1.3 compat change_cipher_spec
+        bytes.extend_from_slice(b"early data");
+        assert_eq!(done(&bytes).records_len, hello.len());
+    }
+
+    #[test]
+    fn no_extensions_means_no_sni() {
+        let mut b = HelloBuilder::new();
+        b.extensions = None;
+        let hello = done(&b.bytes());
+        assert_eq!((hello.sni, hello.alpn), (None, vec![]));
+        let hello = done(&HelloBuilder::new().ext(0xff01, vec![0]).bytes());
+        assert_eq!(hello.sni, None);
+    }
+
+    #[test]
+    fn server_name_without_host_name_entry_means_no_sni() {
+        let ext = server_name_ext(&[(7, b"opaque")]);
+        assert_eq!(done(&HelloBuilder::new().ext(0, ext).bytes()).sni, None);
+    }
+
+    #[test]
+    fn first_host_name_after_unknown_entries() {
+        let ext = server_name_ext(&[(7, b"x"), (0, LEGACY_SNI)]);
+        let hello = done(&HelloBuilder::new().ext(0, ext).bytes());
+        assert_eq!(hello.sni.as_deref(), Some(LEGACY_SNI));
+    }
+
+    #[test]
+    fn http_request_is_not_tls() {
+        for input in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"G",
+            b"POS",
+            b"CONNECT x:443",
+        ] {
+            match err(input) {
+                ParseError::NotTls(m) => assert!(m.contains("looks like HTTP"), "{m}"),
+                e => panic!("{input:?}: {e:?}"),
+            }
+        }
+        match err(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") {
+            ParseError::NotTls(m) => assert!(m.contains("HTTP/2"), "{m}"),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn other_protocols_are_described() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "PROXY protocol"),
+            (b"\r\n\r\n\0\r\nQUIT\n\x21\x11", "PROXY protocol"),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", "SSH"),
+            (&[21, 3, 3, 0, 2, 2, 40], "alert"),
+            (&[0, 1, 2, 3], "[00 01 02 03]"),
+        ];
+        for (input, needle) in cases {
+            match err(input) {
+                ParseError::NotTls(m) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+                e => panic!("{input:?}: {e:?}"),
+            }
+        }
+        assert!(matches!(err(&[22, 4, 0, 0, 1]), ParseError::NotTls(_)));
+    }
+
+    #[test]
+    fn sslv2_hello_is_unsupported() {
+        // 2-byte SSLv2 header (high bit set), CLIENT-HELLO, version 3.1, then lengths.
+        let v2 = [
+            0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10,
+        ];
+        assert_eq!(err(&v2), ParseError::UnsupportedSslv2);
+        assert!(matches!(err(&v2[..2]), ParseError::NotTls(_)));
+    }
+
+    #[test]
+    fn oversize_length_is_refused_from_the_header_alone() {
+        let len = MAX_CLIENT_HELLO_LEN + 1;
+        let hdr = [
+            22,
+            3,
+            1,
+            0x40,
+            0x00,
+            1,
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+        ];
+        assert_eq!(err(&hdr), ParseError::TooLarge(len));
+        assert_eq!(
+            err(&[22, 3, 1, 0x40, 0, 1, 0xff, 0xff, 0xff]),
+            ParseError::TooLarge(0xff_ffff)
+        );
+        // Exactly at the limit is still a valid prefix.
+        let ok = [22, 3, 1, 0x40, 0x00, 1, 0x01, 0x00, 0x00];
+        assert_eq!(parse_client_hello(&ok), Ok(Progress::NeedMore));
+    }
+
+    #[test]
+    fn record_framing_errors_are_malformed() {
+        assert_malformed(&[22, 3, 1, 0, 0], "empty");
+        assert_malformed(&[22, 3, 1, 0x41, 0x01], "record limit");
+        let msg = HelloBuilder::new().sni(LEGACY_SNI).message();
+        let mut two = records(&msg[..10], &[]);
+        two.extend_from_slice(&record(23, &msg[10..]));
+        assert_malformed(&two, "content type 23 (application_data)");
+        let mut bad_version = records(&msg[..10], &[]);
+        bad_version.extend_from_slice(&[22, 2, 0]);
+        assert_malformed(&bad_version, "version 2.0");
+        assert_malformed(
+            &record(22, &handshake(2, &[0; 40])),
+            "type 2 (server_hello)",
+        );
+    }
+
+    #[test]
+    fn field_errors_are_malformed() {
+        let base = HelloBuilder::new().sni(LEGACY_SNI);
+        let with = |f: &dyn Fn(&mut HelloBuilder)| {
+            let mut b = base.clone();
+            f(&mut b);
+            b.bytes()
+        };
+        assert_malformed(&with(&|b| b.session_id = vec![0; 33]), "session_id is 33");
+        assert_malformed(
+            &with(&|b| b.ciphers = vec![0x13, 0x01, 0xc0]),
+            "cipher_suites length is 3",
+        );
+        assert_malformed(&with(&|b| b.ciphers = vec![]), "cipher_suites length is 0");
+        assert_malformed(
+            &with(&|b| b.compression = vec![]),
+            "compression_methods is empty",
+        );
+        assert_malformed(&with(&|b| b.version = 0x0200), "client_version");
+
+        let dup = base.clone().sni(b"other").bytes();
+        assert_malformed(&dup, "server_name extension appears twice");
+        let two_hosts = HelloBuilder::new()
+            .ext(0, server_name_ext(&[(0, b"a"), (0, b"b")]))
+            .bytes();
+        assert_malformed(&two_hosts, "two host_name");
+        assert_malformed(&HelloBuilder::new().sni(b"").bytes(), "host_name is empty");
+        assert_malformed(
+            &HelloBuilder::new().ext(0, vec![0, 0]).bytes(),
+            "server_name list",
+        );
+        assert_malformed(
+            &HelloBuilder::new()
+                .ext(0, vec![0, 9, 0, 0, 1, b'a'])
+                .bytes(),
+            "server_name list",
+        );
+        assert_malformed(
+            &HelloBuilder::new().alpn(&[b""]).bytes(),
+            "ALPN protocol name is empty",
+        );
+        assert_malformed(
+            &HelloBuilder::new().alpn(&[b"kuma"]).alpn(&[b"h2"]).bytes(),
+            "ALPN extension appears twice",
+        );
+    }
+
+    #[test]
+    fn length_fields_that_overrun_are_malformed() {
+        let msg = HelloBuilder::new().sni(LEGACY_SNI).message();
+        // Offsets in the message: 4 header, 2 version, 32 random, 1+32 session id, 2+4 ciphers,
+        // 1+1 compression, then the 2-byte extensions length.
+        let ext_len_at = 4 + 2 + 32 + 33 + 6 + 2;
+        let mut longer = msg.clone();
+        longer[ext_len_at + 1] += 1;
+        assert_malformed(&records(&longer, &[]), "extensions block declares");
+        // An extension whose length runs past the extensions block.
+        let mut ext_overrun = msg.clone();
+        ext_overrun[ext_len_at + 2 + 3] += 1;
+        assert_malformed(&records(&ext_overrun, &[]), "extension 0 declares");
+        // Handshake length shorter than its fields.
+        let mut short = msg.clone();
+        short[3] = 20;
+        assert_malformed(&records(&short[..24], &[]), "random needs 32 bytes");
+        // Trailing garbage after the extensions, inside the declared message.
+        let mut b = HelloBuilder::new().sni(LEGACY_SNI).message();
+        b.push(0);
+        b[3] += 1;
+        assert_malformed(&records(&b, &[]), "extensions block declares");
+    }
+
+    #[test]
+    fn errors_surface_before_the_record_is_complete() {
+        let mut b = HelloBuilder::new().sni(LEGACY_SNI);
+        b.session_id = vec![0; 33];
+        let bytes = b.bytes();
+        // Session id length sits at byte 5 + 4 + 2 + 32.
+        assert_malformed(&bytes[..5 + 4 + 2 + 32 + 1], "session_id is 33");
+    }
+
+    #[test]
+    fn need_more_hint_never_skips_a_decision() {
+        let msg = HelloBuilder::new()
+            .sni(LEGACY_SNI)
+            .alpn(&[b"kuma"])
+            .message();
+        let bytes = records(&msg, &[1, 3, 50]);
+        let mut n = 0;
+        loop {
+            match parse_step(&bytes[..n]) {
+                Ok(Step::NeedMore { at_least }) => {
+                    assert!(at_least > n && at_least <= bytes.len(), "{at_least} at {n}");
+                    n = at_least;
+                }
+                Ok(Step::Done(h)) => {
+                    assert_eq!(h.records_len, bytes.len());
+                    assert_eq!(n, bytes.len());
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// A valid hand-built hello with arbitrary SNI bytes, ALPN, padding and fragmentation.
+    fn arb_hello() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (
+            proptest::collection::vec(any::<u8>(), 1..300),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..20), 0..4),
+            0usize..600,
+            proptest::collection::vec(0usize..400, 0..6),
+            any::<bool>(),
+        )
+            .prop_map(|(sni, alpn, padding, frags, sni_last)| {
+                let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+                let mut b = HelloBuilder::new();
+                if !sni_last {
+                    b = b.sni(&sni);
+                }
+                if !alpn.is_empty() {
+                    b = b.alpn(&alpn);
+                }
+                b = b.ext(21, vec![0; padding]);
+                if sni_last {
+                    b = b.sni(&sni);
+                }
+                (records(&b.message(), &frags), sni)
+            })
+    }
+
+    /// Rustls hellos are costly to build; one per protocol setting is enough.
+    fn rustls_hellos() -> &'static [Vec<u8>; 2] {
+        static HELLOS: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+        HELLOS.get_or_init(|| {
+            [
+                rustls_hello(MS_SNI, &[b"kuma"], false),
+                rustls_hello(MS_SNI, &[b"kuma"], true),
+            ]
+        })
+    }
+
+    /// Feeds `bytes` in chunks of the given sizes, as a reader would, checking every
+    /// intermediate answer is NeedMore; returns the final answer.
+    fn feed(bytes: &[u8], chunks: &[usize]) -> Result<Progress, ParseError> {
+        let mut end = 0;
+        for &c in chunks {
+            end = (end + c).min(bytes.len());
+            if end == bytes.len() {
+                break;
+            }
+            assert_eq!(parse_client_hello(&bytes[..end]), Ok(Progress::NeedMore));
+        }
+        parse_client_hello(bytes)
+    }
+
+    proptest! {
+        #[test]
+        fn prop_any_split_gives_the_same_result(
+            (bytes, sni) in arb_hello(),
+            chunks in proptest::collection::vec(1usize..200, 0..40),
+        ) {
+            let whole = parse_client_hello(&bytes);
+            let Ok(Progress::Done(hello)) = &whole else { panic!("{whole:?}") };
+            prop_assert_eq!(hello.sni.as_deref(), Some(sni.as_slice()));
+            prop_assert_eq!(hello.records_len, bytes.len());
+            prop_assert_eq!(feed(&bytes, &chunks), whole);
+        }
+
+        #[test]
+        fn prop_rustls_hello_any_split(which in 0usize..2, chunks in proptest::collection::vec(1usize..300, 0..20)) {
+            let bytes = &rustls_hellos()[which];
+            let whole = parse_client_hello(bytes);
+            prop_assert!(matches!(&whole, Ok(Progress::Done(h)) if h.sni.as_deref() == Some(MS_SNI.as_bytes())));
+            prop_assert_eq!(feed(bytes, &chunks), whole);
+        }
+
+        #[test]
+        fn prop_every_strict_prefix_needs_more((bytes, _) in arb_hello()) {
+            for n in 0..bytes.len() {
+                prop_assert_eq!(parse_client_hello(&bytes[..n]), Ok(Progress::NeedMore), "prefix {}", n);
+            }
+        }
+
+        #[test]
+        fn prop_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse_client_hello(&bytes);
+        }
+
+        #[test]
+        fn prop_tls_looking_bytes_never_panic(
+            minor in any::<u8>(),
+            len in any::<u16>(),
+            hs_type in prop_oneof![Just(1u8), any::<u8>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let mut bytes = vec![22, 3, minor];
+            bytes.extend_from_slice(&len.to_be_bytes());
+            bytes.push(hs_type);
+            bytes.extend_from_slice(&rest);
+            let _ = parse_client_hello(&bytes);
+        }
+
+        #[test]
+        fn prop_corrupted_hello_never_panics_or_overreads(
+            (mut bytes, _) in arb_hello(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            if let Ok(Progress::Done(h)) = parse_client_hello(&bytes) {
+                prop_assert!(h.records_len <= bytes.len());
+            }
+        }
+    }
+}
