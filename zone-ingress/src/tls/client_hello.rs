@@ -240,7 +240,8 @@ fn check_record_header(header: &[u8], record_no: usize) -> Result<(), ParseError
     if let Some(&major) = header.get(1)
         && major != 3
     {
-        let minor = header.get(2).copied().unwrap_or(0);
+        // The minor byte may not have arrived yet; do not print a guess.
+        let minor = header.get(2).map_or_else(|| "?".to_owned(), u8::to_string);
         let msg =
             format!("TLS record {record_no} has version {major}.{minor}, expected 3.x (0x03xx)");
         return Err(if record_no == 1 {
