@@ -175,3 +175,358 @@ fn finish(hello: ClientHello, consumed: Vec<u8>) -> Result<ReadHello, HelloError
         _ => Err(HelloError::NoSni),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use proptest::prelude::*;
+    use tokio::io::{AsyncWriteExt, ReadBuf};
+
+    use super::super::client_hello::testutil::*;
+    use super::*;
+
+    /// What the mock does once its chunks are exhausted.
+    #[derive(Clone, Copy)]
+    enum End {
+        Eof,
+        Stall,
+        Fail,
+    }
+
+    /// Hands out one queued chunk (or as much of it as fits) per read, and records how much the
+    /// reader asked for and got.
+    struct Chunks {
+        chunks: VecDeque<Vec<u8>>,
+        end: End,
+        delivered: usize,
+        largest_request: usize,
+    }
+
+    impl Chunks {
+        fn new(bytes: &[u8], sizes: impl IntoIterator<Item = usize>, end: End) -> Self {
+            let mut chunks = VecDeque::new();
+            let mut rest = bytes;
+            for size in sizes {
+                if rest.is_empty() {
+                    break;
+                }
+                let (head, tail) = rest.split_at(size.clamp(1, rest.len()));
+                chunks.push_back(head.to_vec());
+                rest = tail;
+            }
+            if !rest.is_empty() {
+                chunks.push_back(rest.to_vec());
+            }
+            Chunks {
+                chunks,
+                end,
+                delivered: 0,
+                largest_request: 0,
+            }
+        }
+
+        fn bytewise(bytes: &[u8], end: End) -> Self {
+            Self::new(bytes, std::iter::repeat(1), end)
+        }
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.largest_request = this.largest_request.max(buf.remaining());
+            let Some(chunk) = this.chunks.front_mut() else {
+                return match this.end {
+                    End::Eof => Poll::Ready(Ok(())),
+                    // Never woken: only the reader's deadline can end the wait.
+                    End::Stall => Poll::Pending,
+                    End::Fail => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "connection reset by peer",
+                    ))),
+                };
+            };
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                this.chunks.pop_front();
+            }
+            this.delivered += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn limits(timeout_ms: u64, max_bytes: usize) -> HelloLimits {
+        HelloLimits {
+            timeout: Duration::from_millis(timeout_ms),
+            max_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_a_rustls_hello_over_a_duplex() {
+        let bytes = rustls_hello(MS_SNI, &[b"kuma"], false);
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&bytes).await.expect("write");
+        let got = read_client_hello(&mut server, &HelloLimits::default())
+            .await
+            .expect("hello");
+        assert_eq!(got.sni, MS_SNI.as_bytes());
+        assert_eq!(got.hello.alpn, vec![b"kuma".to_vec()]);
+        assert_eq!(got.consumed, bytes);
+    }
+
+    #[tokio::test]
+    async fn one_byte_at_a_time_fragmented_legacy_sni() {
+        let msg = HelloBuilder::new()
+            .sni(LEGACY_SNI)
+            .alpn(&[b"kuma"])
+            .message();
+        let bytes = records(&msg, &[40, 40]);
+        let mut io = Chunks::bytewise(&bytes, End::Stall);
+        let got = read_client_hello(&mut io, &limits(5_000, 1 << 16))
+            .await
+            .expect("hello");
+        assert_eq!(got.sni, LEGACY_SNI);
+        assert_eq!(got.hello.records_len, bytes.len());
+        assert_eq!(got.consumed, bytes);
+    }
+
+    #[tokio::test]
+    async fn extra_bytes_after_the_hello_are_consumed() {
+        let hello = HelloBuilder::new().sni(LEGACY_SNI).bytes();
+        let mut bytes = hello.clone();
+        bytes.extend_from_slice(&record(20, &[1]));
+        bytes.extend_from_slice(&record(23, b"0-rtt data"));
+        let mut io = Chunks::new(&bytes, [bytes.len()], End::Stall);
+        let got = read_client_hello(&mut io, &HelloLimits::default())
+            .await
+            .expect("hello");
+        assert_eq!(got.hello.records_len, hello.len());
+        assert_eq!(
+            got.consumed, bytes,
+            "everything read must be replayed upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn stalled_peer_times_out() {
+        let bytes = HelloBuilder::new().sni(LEGACY_SNI).bytes();
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&bytes[..20]).await.expect("write");
+        let started = Instant::now();
+        let err = read_client_hello(&mut server, &limits(100, 1 << 16))
+            .await
+            .expect_err("must time out");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(err, HelloError::Timeout { received: 20, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.reason(), "timeout");
+        assert!(err.to_string().contains("received 20 bytes"), "{err}");
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn slowloris_hits_one_deadline_for_the_whole_hello() {
+        let bytes = HelloBuilder::new().sni(LEGACY_SNI).bytes();
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let trickle = tokio::spawn(async move {
+            for b in bytes {
+                if client.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let started = Instant::now();
+        let err = read_client_hello(&mut server, &limits(200, 1 << 16))
+            .await
+            .expect_err("must time out");
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+        match err {
+            HelloError::Timeout { received, .. } => assert!((1..100).contains(&received)),
+            e => panic!("{e:?}"),
+        }
+        trickle.abort();
+    }
+
+    #[tokio::test]
+    async fn peer_closing_early_is_reported_with_what_it_sent() {
+        let bytes = HelloBuilder::new().sni(LEGACY_SNI).bytes();
+        let mut io = Chunks::new(&bytes[..3], [3], End::Eof);
+        let err = read_client_hello(&mut io, &HelloLimits::default())
+            .await
+            .expect_err("closed");
+        assert!(matches!(err, HelloError::ClosedEarly { received: 3 }));
+        assert_eq!(err.reason(), "closed");
+        assert_eq!(
+            err.to_string(),
+            "peer sent 3 bytes then closed before the ClientHello was complete"
+        );
+
+        let (client, mut server) = tokio::io::duplex(1024);
+        drop(client);
+        let err = read_client_hello(&mut server, &HelloLimits::default())
+            .await
+            .expect_err("closed");
+        assert!(matches!(err, HelloError::ClosedEarly { received: 0 }));
+        assert!(
+            err.to_string().contains("without sending anything"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn max_bytes_is_never_exceeded() {
+        // A valid hello bigger than the limit, arriving in large chunks.
+        let big = HelloBuilder::new().sni(LEGACY_SNI).ext(21, vec![0; 3000]);
+        let bytes = records(&big.message(), &[500, 500, 500, 500]);
+        let mut io = Chunks::new(&bytes, [4096], End::Stall);
+        let err = read_client_hello(&mut io, &limits(5_000, 1000))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(err, HelloError::TooLarge { limit: 1000 }),
+            "{err:?}"
+        );
+        assert_eq!(err.reason(), "too_large");
+        assert!(io.delivered <= 1000 && io.largest_request <= 1000);
+
+        // A record declaring more than the limit is refused once the record and handshake
+        // headers are in, without waiting for its body.
+        let bytes = records(&big.message(), &[]);
+        let mut io = Chunks::bytewise(&bytes, End::Stall);
+        let err = read_client_hello(&mut io, &limits(5_000, 1000))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(err, HelloError::TooLarge { limit: 1000 }),
+            "{err:?}"
+        );
+        assert_eq!(io.delivered, 5 + 4, "decided from the headers alone");
+    }
+
+    #[tokio::test]
+    async fn oversize_handshake_length_is_too_large() {
+        let hdr = [22, 3, 1, 0x40, 0x00, 1, 0x10, 0x00, 0x00];
+        let mut io = Chunks::bytewise(&hdr, End::Stall);
+        let err = read_client_hello(&mut io, &HelloLimits::default())
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(err, HelloError::TooLarge { limit } if limit == MAX_CLIENT_HELLO_LEN),
+            "{err:?}"
+        );
+        assert_eq!(io.delivered, hdr.len());
+    }
+
+    async fn read_err(bytes: &[u8]) -> HelloError {
+        let mut io = Chunks::new(bytes, [bytes.len()], End::Eof);
+        read_client_hello(&mut io, &HelloLimits::default())
+            .await
+            .expect_err("must fail")
+    }
+
+    #[tokio::test]
+    async fn error_reasons() {
+        let http = read_err(b"GET /healthz HTTP/1.1\r\nHost: ingress\r\n\r\n").await;
+        assert_eq!(http.reason(), "not_tls");
+        assert!(http.to_string().contains("looks like HTTP"), "{http}");
+
+        let sslv2 = read_err(&[0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00]).await;
+        assert_eq!(sslv2.reason(), "not_tls");
+        assert!(sslv2.to_string().contains("SSL 2.0"), "{sslv2}");
+
+        let mut b = HelloBuilder::new();
+        b.extensions = None;
+        let no_ext = read_err(&b.bytes()).await;
+        assert!(matches!(no_ext, HelloError::NoSni), "{no_ext:?}");
+        assert_eq!(no_ext.reason(), "no_sni");
+        let alpn_only = read_err(&HelloBuilder::new().alpn(&[b"kuma"]).bytes()).await;
+        assert!(matches!(alpn_only, HelloError::NoSni));
+        let rustls_no_sni = {
+            // rustls omits SNI for IP addresses.
+            let bytes = rustls_hello("10.0.0.1", &[b"kuma"], false);
+            read_err(&bytes).await
+        };
+        assert!(
+            matches!(rustls_no_sni, HelloError::NoSni),
+            "{rustls_no_sni:?}"
+        );
+
+        let mut bad = HelloBuilder::new().sni(LEGACY_SNI);
+        bad.ciphers = vec![1, 2, 3];
+        let malformed = read_err(&bad.bytes()).await;
+        assert_eq!(malformed.reason(), "malformed");
+        assert!(
+            malformed.to_string().contains("cipher_suites"),
+            "{malformed}"
+        );
+
+        let mut io = Chunks::new(&[22, 3], [2], End::Fail);
+        let io_err = read_client_hello(&mut io, &HelloLimits::default())
+            .await
+            .expect_err("io");
+        assert_eq!(io_err.reason(), "io_error");
+        assert!(io_err.to_string().contains("connection reset"), "{io_err}");
+    }
+
+    #[test]
+    fn default_limits_fit_the_largest_accepted_hello() {
+        let d = HelloLimits::default();
+        assert_eq!(d.timeout, Duration::from_secs(5));
+        assert!(d.max_bytes > MAX_CLIENT_HELLO_LEN + 4 + 5 * 5);
+    }
+
+    #[tokio::test]
+    async fn zero_max_bytes_reads_nothing() {
+        let mut io = Chunks::new(b"\x16", [1], End::Stall);
+        let err = read_client_hello(&mut io, &limits(1000, 0))
+            .await
+            .expect_err("too large");
+        assert!(matches!(err, HelloError::TooLarge { limit: 0 }));
+        assert_eq!(io.delivered, 0);
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    proptest! {
+        #[test]
+        fn prop_any_read_pattern_gives_the_same_hello(
+            padding in 0usize..3000,
+            frags in proptest::collection::vec(1usize..700, 0..6),
+            reads in proptest::collection::vec(1usize..500, 0..60),
+            trailing in proptest::collection::vec(any::<u8>(), 0..50),
+        ) {
+            let msg = HelloBuilder::new().sni(LEGACY_SNI).ext(21, vec![0; padding]).message();
+            let hello_bytes = records(&msg, &frags);
+            let mut bytes = hello_bytes.clone();
+            bytes.extend_from_slice(&trailing);
+            let mut io = Chunks::new(&bytes, reads, End::Stall);
+            let got = run(read_client_hello(&mut io, &HelloLimits::default())).expect("hello");
+            prop_assert_eq!(&got.sni, LEGACY_SNI);
+            prop_assert_eq!(got.hello.records_len, hello_bytes.len());
+            // Whatever was read is returned, and the hello is always all of it or a prefix.
+            prop_assert_eq!(got.consumed.len(), io.delivered);
+            prop_assert!(got.consumed.len() >= hello_bytes.len());
+            prop_assert_eq!(&got.consumed[..], &bytes[..got.consumed.len()]);
+        }
+    }
+}
