@@ -10,10 +10,12 @@
 //! runs with no files at all, and the tests keep them valid.
 
 mod error;
+mod routes;
 mod yaml;
 mod zone_ingress;
 
 pub use error::{ConfigError, Problem};
+pub use routes::{MAX_SNI_LEN, RouteSpec, RoutesFile};
 pub use zone_ingress::{
     Admin, AvailableService, DEFAULT_ADMIN_PORT, DEFAULT_PORT, Networking, ZoneIngress,
 };
