@@ -13,7 +13,10 @@ fn main() {
             let src = PathBuf::from(src);
             println!("cargo::rerun-if-changed={}", src.display());
             if let Err(e) = std::fs::copy(&src, &dest) {
-                panic!("ZONE_INGRESS_BPF_OBJ={}: cannot copy it: {e}", src.display());
+                panic!(
+                    "ZONE_INGRESS_BPF_OBJ={}: cannot copy it: {e}",
+                    src.display()
+                );
             }
         }
         None => {

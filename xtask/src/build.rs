@@ -65,7 +65,12 @@ pub fn build_bpf(root: &Path) -> Result<PathBuf> {
         .env("PATH", path)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
         )
         .status()
         .context("running cargo +nightly build for the BPF programs")?;

@@ -15,7 +15,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run and test zone-ingress", version)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test zone-ingress",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

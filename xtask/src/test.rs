@@ -18,8 +18,12 @@ pub fn run(no_lint: bool, extra: &[String]) -> Result<()> {
     if !no_lint {
         step("cargo fmt --check");
         ensure_component("rustfmt")?;
-        cargo_ok(build::clean_cargo().current_dir(&root).args(["fmt", "--all", "--check"]))
-            .context("formatting differs: run `cargo fmt --all`")?;
+        cargo_ok(
+            build::clean_cargo()
+                .current_dir(&root)
+                .args(["fmt", "--all", "--check"]),
+        )
+        .context("formatting differs: run `cargo fmt --all`")?;
     }
     let obj = build::build_bpf(&root)?;
     if !no_lint {
@@ -29,7 +33,15 @@ pub fn run(no_lint: bool, extra: &[String]) -> Result<()> {
             build::clean_cargo()
                 .current_dir(&root)
                 .env("ZONE_INGRESS_BPF_OBJ", &obj)
-                .args(["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"]),
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--release",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
         )
         .context("clippy found problems")?;
     }
@@ -57,7 +69,10 @@ fn cargo_ok(cmd: &mut Command) -> Result<()> {
 
 fn ensure_component(name: &str) -> Result<()> {
     let present = Command::new("cargo")
-        .args([if name == "rustfmt" { "fmt" } else { "clippy" }, "--version"])
+        .args([
+            if name == "rustfmt" { "fmt" } else { "clippy" },
+            "--version",
+        ])
         .output()
         .is_ok_and(|o| o.status.success());
     if present {

@@ -59,7 +59,9 @@ fn ensure_rust_src(sysroot: &Path) -> Result<()> {
         .status()
         .context("running rustup")?;
     if !status.success() {
-        bail!("`rustup component add rust-src --toolchain nightly` failed; run it by hand to see why");
+        bail!(
+            "`rustup component add rust-src --toolchain nightly` failed; run it by hand to see why"
+        );
     }
     Ok(())
 }
@@ -90,8 +92,12 @@ fn llvm_version(libllvm_name: &str) -> Result<(String, String)> {
         .strip_prefix("libLLVM.so.")
         .with_context(|| format!("unexpected libLLVM name {libllvm_name}"))?;
     let mut parts = rest.split(['.', '-']);
-    let major = parts.next().filter(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty());
-    let minor = parts.next().filter(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty());
+    let major = parts
+        .next()
+        .filter(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty());
+    let minor = parts
+        .next()
+        .filter(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty());
     match (major, minor) {
         (Some(ma), Some(mi)) => Ok((format!("{ma}.{mi}.0"), ma.to_string())),
         _ => bail!("cannot read an LLVM version from {libllvm_name}"),

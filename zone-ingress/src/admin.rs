@@ -82,7 +82,10 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn prometheus(State(s): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.stats.encode(),
     )
 }

@@ -36,7 +36,10 @@ pub struct RunOptions {
 pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String)> {
     let zi = match &opts.config {
         Some(path) => ZoneIngress::load(path)?,
-        None => ZoneIngress::from_yaml_str(DEFAULT_ZONE_INGRESS_YAML, "embedded default config/zone-ingress.yaml")?,
+        None => ZoneIngress::from_yaml_str(
+            DEFAULT_ZONE_INGRESS_YAML,
+            "embedded default config/zone-ingress.yaml",
+        )?,
     };
     let (routes, origin) = match (&opts.routes, &opts.config) {
         (Some(path), _) => (RoutesFile::load(path)?, path.display().to_string()),
@@ -55,10 +58,15 @@ pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String
 pub async fn run(opts: RunOptions) -> Result<()> {
     let (zi, routes_file, routes_origin) = load_config(&opts)?;
     if opts.config.is_none() {
-        tracing::info!("no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)");
+        tracing::info!(
+            "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
+        );
     }
     let stats = Arc::new(Stats::new());
-    let routes = Arc::new(RouteStore::new(reload::table_from_file(&routes_file, &routes_origin)));
+    let routes = Arc::new(RouteStore::new(reload::table_from_file(
+        &routes_file,
+        &routes_origin,
+    )));
     let readiness = Arc::new(Readiness::default());
 
     let _bpf = load_datapath(&opts)?;
@@ -69,10 +77,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     })?;
     let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
     let admin_listener = admin::bind(admin_addr).await?;
-    tokio::spawn(admin::serve(admin_listener, readiness.clone(), stats.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        readiness.clone(),
+        stats.clone(),
+    ));
 
     if let Some(path) = opts.routes.clone() {
-        tokio::spawn(reload::watch_routes_file(path, routes.clone(), stats.clone()));
+        tokio::spawn(reload::watch_routes_file(
+            path,
+            routes.clone(),
+            stats.clone(),
+        ));
     }
 
     let flows = Arc::new(ActiveFlows::default());
@@ -103,8 +119,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = server.await;
     let active = flows.count();
     tracing::info!(signal = signal_name, active_flows = active, drain_time = ?opts.drain_time, "stopped accepting; draining");
-    if tokio::time::timeout(opts.drain_time, flows.wait_idle()).await.is_err() {
-        tracing::warn!(remaining = flows.count(), "drain time over; closing the remaining flows");
+    if tokio::time::timeout(opts.drain_time, flows.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = flows.count(),
+            "drain time over; closing the remaining flows"
+        );
     }
     Ok(())
 }
@@ -119,17 +141,24 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
         }
         DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir) {
             Ok(p) => {
-                tracing::info!("datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands");
+                tracing::info!(
+                    "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+                );
                 Ok(Some(p))
             }
             Err(e) => {
-                tracing::warn!("datapath: BPF unavailable, using the userspace copy for every flow: {e}");
+                tracing::warn!(
+                    "datapath: BPF unavailable, using the userspace copy for every flow: {e}"
+                );
                 Ok(None)
             }
         },
         DatapathMode::Sockmap => {
-            let p = BpfPrograms::load(&opts.pin_dir).context("--datapath sockmap needs the BPF programs")?;
-            tracing::info!("datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands");
+            let p = BpfPrograms::load(&opts.pin_dir)
+                .context("--datapath sockmap needs the BPF programs")?;
+            tracing::info!(
+                "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+            );
             Ok(Some(p))
         }
     }

@@ -14,7 +14,8 @@ use aya::{Ebpf, EbpfLoader};
 use zone_ingress_common::{map_names, prog_names};
 
 /// The BPF object built by `cargo xtask build` (empty when built without it).
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf.o"));
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf.o"));
 
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -27,9 +28,13 @@ pub enum BpfError {
     NotBuilt,
     #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN); running as uid {uid}")]
     NotPrivileged { uid: u32 },
-    #[error("bpffs is not mounted at {path} and mounting it failed: {source} (mount it with `mount -t bpf bpf {path}`)")]
+    #[error(
+        "bpffs is not mounted at {path} and mounting it failed: {source} (mount it with `mount -t bpf bpf {path}`)"
+    )]
     Bpffs { path: String, source: io::Error },
-    #[error("the kernel refused the BPF object: {0} (needs Linux 5.10+ with BPF and sockmap support)")]
+    #[error(
+        "the kernel refused the BPF object: {0} (needs Linux 5.10+ with BPF and sockmap support)"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("BPF program {name}: {source}")]
     Program {
@@ -55,7 +60,9 @@ pub struct BpfPrograms {
 
 impl std::fmt::Debug for BpfPrograms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BpfPrograms").field("pin_dir", &self.pin_dir).finish()
+        f.debug_struct("BpfPrograms")
+            .field("pin_dir", &self.pin_dir)
+            .finish()
     }
 }
 
@@ -93,10 +100,11 @@ impl BpfPrograms {
             name: map_names::SOCKS,
             detail: "not in the object".into(),
         })?;
-        let socks: SockHash<MapData, u64> = SockHash::try_from(socks_map).map_err(|e| BpfError::Map {
-            name: map_names::SOCKS,
-            detail: e.to_string(),
-        })?;
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks_map).map_err(|e| BpfError::Map {
+                name: map_names::SOCKS,
+                detail: e.to_string(),
+            })?;
 
         let program = |source| BpfError::Program {
             name: prog_names::SK_SKB_VERDICT,
@@ -205,7 +213,9 @@ fn spawn_bpf_logger(ebpf: &mut Ebpf) {
             }
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }
@@ -232,7 +242,11 @@ mod tests {
             panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
         });
         for name in [map_names::SOCKS, map_names::FLOWS, map_names::COUNTERS] {
-            assert!(dir.join(name).exists(), "{name} is not pinned under {}", dir.display());
+            assert!(
+                dir.join(name).exists(),
+                "{name} is not pinned under {}",
+                dir.display()
+            );
         }
         // A pinned map can be opened again from its pin, as the ops tooling will.
         aya::maps::MapData::from_pin(dir.join(map_names::FLOWS)).expect("reopen pinned flow map");

@@ -140,7 +140,10 @@ fn run(args: RunArgs) -> ExitCode {
         drain_time: args.drain_time,
         pin_dir: args.pin_dir,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zone-ingress: cannot start the async runtime: {e}");

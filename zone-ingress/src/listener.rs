@@ -61,7 +61,12 @@ struct FlowGuard(Arc<ActiveFlows>);
 
 impl Drop for FlowGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
             self.0.idle.notify_waiters();
         }
     }
@@ -137,20 +142,22 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         return;
     };
     drop(table);
-    let (up, endpoint) = match upstream::connect(&route, ingress.connect_timeout, &ingress.stats).await {
-        Ok(c) => c,
-        Err(e) => {
-            ingress.stats.upstream_unavailable();
-            tracing::warn!(%peer, error = %e, "resetting client");
-            datapath::reset(&down);
-            return;
-        }
-    };
+    let (up, endpoint) =
+        match upstream::connect(&route, ingress.connect_timeout, &ingress.stats).await {
+            Ok(c) => c,
+            Err(e) => {
+                ingress.stats.upstream_unavailable();
+                tracing::warn!(%peer, error = %e, "resetting client");
+                datapath::reset(&down);
+                return;
+            }
+        };
     ingress.stats.flow_started(DatapathKind::Userspace);
     let summary = datapath::userspace::proxy(down, up, &hello.consumed).await;
-    ingress
-        .stats
-        .copied(DatapathKind::Userspace, summary.bytes_up + summary.bytes_down);
+    ingress.stats.copied(
+        DatapathKind::Userspace,
+        summary.bytes_up + summary.bytes_down,
+    );
     tracing::debug!(
         %peer,
         sni = %route.sni,

@@ -23,7 +23,11 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(sni: impl Into<Arc<str>>, cluster: impl Into<Arc<str>>, endpoints: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        sni: impl Into<Arc<str>>,
+        cluster: impl Into<Arc<str>>,
+        endpoints: Vec<SocketAddr>,
+    ) -> Self {
         Self {
             sni: sni.into(),
             cluster: cluster.into(),
@@ -115,11 +119,21 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_endpoint_once_per_pick() {
-        let r = Route::new("a", "a", vec![addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1")]);
+        let r = Route::new(
+            "a",
+            "a",
+            vec![addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1")],
+        );
         let first: Vec<_> = r.endpoints_round_robin().collect();
         let second: Vec<_> = r.endpoints_round_robin().collect();
-        assert_eq!(first, vec![addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1")]);
-        assert_eq!(second, vec![addr("10.0.0.2:1"), addr("10.0.0.3:1"), addr("10.0.0.1:1")]);
+        assert_eq!(
+            first,
+            vec![addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1")]
+        );
+        assert_eq!(
+            second,
+            vec![addr("10.0.0.2:1"), addr("10.0.0.3:1"), addr("10.0.0.1:1")]
+        );
         let empty = Route::new("b", "b", vec![]);
         assert_eq!(empty.endpoints_round_robin().count(), 0);
     }
@@ -128,7 +142,11 @@ mod tests {
     fn lookup_is_exact_and_swaps_atomically() {
         let store = RouteStore::new(RouteTable::new(
             "t1",
-            [Route::new("backend{mesh=default}", "c", vec![addr("10.0.0.1:1")])],
+            [Route::new(
+                "backend{mesh=default}",
+                "c",
+                vec![addr("10.0.0.1:1")],
+            )],
         ));
         let old = store.load();
         assert!(old.lookup(b"backend{mesh=default}").is_some());

@@ -163,8 +163,12 @@ impl Stats {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
         for d in [DatapathKind::Userspace, DatapathKind::Sockmap] {
-            let _ = flows.get_or_create(&DatapathLabel { datapath: d.as_str() });
-            let _ = copied_bytes.get_or_create(&DatapathLabel { datapath: d.as_str() });
+            let _ = flows.get_or_create(&DatapathLabel {
+                datapath: d.as_str(),
+            });
+            let _ = copied_bytes.get_or_create(&DatapathLabel {
+                datapath: d.as_str(),
+            });
         }
         for result in ["applied", "rejected"] {
             let _ = route_reloads.get_or_create(&ResultLabel { result });
@@ -225,7 +229,9 @@ impl Stats {
 
     pub fn route_update(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
-        self.route_reloads.get_or_create(&ResultLabel { result }).inc();
+        self.route_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -249,7 +255,10 @@ mod tests {
         s.rejected(RejectReason::UnknownSni);
         s.copied(DatapathKind::Userspace, 42);
         let text = s.encode();
-        assert!(text.contains("zone_ingress_downstream_cx_total 1"), "{text}");
+        assert!(
+            text.contains("zone_ingress_downstream_cx_total 1"),
+            "{text}"
+        );
         assert!(
             text.contains("zone_ingress_client_hello_rejected_total{reason=\"unknown_sni\"} 2"),
             "{text}"

@@ -144,9 +144,13 @@ mod tests {
     async fn setup() -> (TcpStream, TcpStream, tokio::task::JoinHandle<FlowSummary>) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
         let (down, _) = front.accept().await.unwrap();
-        let up = TcpStream::connect(back.local_addr().unwrap()).await.unwrap();
+        let up = TcpStream::connect(back.local_addr().unwrap())
+            .await
+            .unwrap();
         let (server, _) = back.accept().await.unwrap();
         let task = tokio::spawn(async move { proxy(down, up, b"hello").await });
         (client, server, task)
