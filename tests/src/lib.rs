@@ -9,11 +9,13 @@
 //! - [`pki`]: a test CA, server and client certificates (DER for rustls, PEM files for the openssl CLI);
 //! - [`tls`]: rustls configurations and the backend behaviours (echo, sink, server-first, half-close, reset);
 //! - [`agent`]: spawn the agent, wait for `/ready`, scrape `/stats/prometheus`, run `check`;
+//! - [`probe`]: raw TCP probes that watch how the agent closes a connection;
 //! - [`wire`]: stream wrappers that dribble or re-frame the ClientHello, raw ClientHello bytes, a fast PRNG.
 
 pub mod agent;
 pub mod netns;
 pub mod pki;
+pub mod probe;
 pub mod tls;
 pub mod wire;
 
@@ -69,19 +71,19 @@ pub async fn run_test<F: Future<Output = ()>>(limit: Duration, body: F) {
 }
 
 /// Defines one test per data path (`userspace` and `auto`) in a module named after the case.
-/// `$body` is an `async fn(Datapath)`, `$limit` a `Duration` bounding each run.
+/// `$body` is an `async fn(Datapath)` in the calling module, `$secs` bounds each run (seconds).
 #[macro_export]
 macro_rules! datapath_tests {
-    ($name:ident, $body:path, $limit:expr) => {
+    ($name:ident, $body:ident, $secs:expr) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn userspace() {
-                $crate::run_test($limit, super::$body($crate::agent::Datapath::Userspace)).await
+                $crate::run_test(::std::time::Duration::from_secs($secs), super::$body($crate::agent::Datapath::Userspace)).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn auto() {
-                $crate::run_test($limit, super::$body($crate::agent::Datapath::Auto)).await
+                $crate::run_test(::std::time::Duration::from_secs($secs), super::$body($crate::agent::Datapath::Auto)).await
             }
         }
     };
