@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask`: build, run and test zone-ingress on a fresh machine.
+//!
+//! Everything a command needs is installed here, idempotently: the nightly's `rust-src`, a
+//! bpf-linker built against the nightly's own libLLVM (cached), and Debian packages. Toolchains are
+//! never updated: `rustup update` would replace the nightly and break every bpf-linker built on it.
+
+mod build;
+mod debian;
+mod test;
+mod toolchain;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test zone-ingress",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the BPF programs (nightly, bpfel-unknown-none) and the agent (release) with them embedded.
+    Build,
+    /// Build, then run the agent. With no arguments it runs on the embedded default configuration.
+    Run {
+        /// Arguments for `zone-ingress run` (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, check formatting and lints, then run every test (needs root: tests load BPF and create
+    /// network namespaces).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install what the other commands need (nightly rust-src, bpf-linker, Debian packages), then exit.
+    Setup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build => build::build_all().map(|_| ()),
+        Command::Run { args } => build::build_all().and_then(|bin| build::run_agent(&bin, &args)),
+        Command::Test { no_lint, args } => test::run(no_lint, &args),
+        Command::Setup => toolchain::ensure_bpf_toolchain()
+            .map(|_| ())
+            .and_then(|_| debian::ensure(debian::TEST_PACKAGES)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Prints a step heading, so long work shows progress.
+pub fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}

@@ -1,1 +1,257 @@
-//! TODO
+//! Loading the BPF programs, pinning their maps, and wiring aya-log to `tracing`.
+//!
+//! The object is built by `cargo xtask build` and embedded at compile time. Loading needs root
+//! (CAP_BPF + CAP_NET_ADMIN for a SockHash) and a bpffs; the agent mounts bpffs at `/sys/fs/bpf`
+//! when it is missing. Any failure is returned as a [`BpfError`] that says what to check: the
+//! caller decides whether that is fatal (`--datapath sockmap`) or a fallback (`auto`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use zone_ingress_common::{map_names, prog_names};
+
+/// The BPF object built by `cargo xtask build` (empty when built without it).
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zone-ingress-ebpf.o"));
+
+const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this binary was built without its BPF programs (plain `cargo build`); build it with \
+         `cargo xtask build`"
+    )]
+    NotBuilt,
+    #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN); running as uid {uid}")]
+    NotPrivileged { uid: u32 },
+    #[error(
+        "bpffs is not mounted at {path} and mounting it failed: {source} (mount it with `mount -t bpf bpf {path}`)"
+    )]
+    Bpffs { path: String, source: io::Error },
+    #[error(
+        "the kernel refused the BPF object: {0} (needs Linux 5.10+ with BPF and sockmap support)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {name} missing or of the wrong type: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("pinning {path}: {detail} (is {dir} on a bpffs, and writable?)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
+    Pin { path: PathBuf, detail: String },
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+}
+
+/// The loaded programs and their maps. Dropping it detaches nothing that is pinned: the maps stay
+/// readable under the pin directory for the ops tooling.
+pub struct BpfPrograms {
+    ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    /// The SockHash the verdict program is attached to.
+    pub socks: SockHash<MapData, u64>,
+}
+
+impl std::fmt::Debug for BpfPrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfPrograms")
+            .field("pin_dir", &self.pin_dir)
+            .finish()
+    }
+}
+
+impl BpfPrograms {
+    /// Loads the programs, attaches the stream verdict to the SockHash and pins every map under
+    /// `pin_dir` (replacing pins left by a previous run).
+    pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
+        if BPF_OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if uid != 0 {
+            return Err(BpfError::NotPrivileged { uid });
+        }
+        ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+
+        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT)?;
+        spawn_bpf_logger(&mut ebpf);
+
+        // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
+        for name in [map_names::SOCKS, map_names::FLOWS, map_names::COUNTERS] {
+            let map = ebpf.map(name).ok_or(BpfError::Map {
+                name,
+                detail: "not in the object".into(),
+            })?;
+            pin(pin_dir, name, |p| map.pin(p))?;
+        }
+
+        let socks_map = ebpf.take_map(map_names::SOCKS).ok_or(BpfError::Map {
+            name: map_names::SOCKS,
+            detail: "not in the object".into(),
+        })?;
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks_map).map_err(|e| BpfError::Map {
+                name: map_names::SOCKS,
+                detail: e.to_string(),
+            })?;
+
+        let program = |source| BpfError::Program {
+            name: prog_names::SK_SKB_VERDICT,
+            source,
+        };
+        let verdict: &mut SkSkb = ebpf
+            .program_mut(prog_names::SK_SKB_VERDICT)
+            .ok_or(BpfError::Map {
+                name: prog_names::SK_SKB_VERDICT,
+                detail: "program not in the object".into(),
+            })?
+            .try_into()
+            .map_err(program)?;
+        verdict.load().map_err(program)?;
+        verdict.attach(socks.fd()).map_err(program)?;
+
+        tracing::info!(pin_dir = %pin_dir.display(), "BPF programs loaded, maps pinned");
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            socks,
+        })
+    }
+
+    /// The loaded object, for modules that need more of its maps.
+    pub fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn pin(
+    dir: &Path,
+    name: &'static str,
+    do_pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), BpfError> {
+    let path = dir.join(name);
+    if path.exists() {
+        tracing::debug!(path = %path.display(), "replacing a pin left by a previous run");
+        std::fs::remove_file(&path).map_err(|e| BpfError::Pin {
+            path: path.clone(),
+            detail: format!("removing the old pin: {e}"),
+        })?;
+    }
+    do_pin(&path).map_err(|e| BpfError::Pin {
+        path: path.clone(),
+        detail: e.to_string(),
+    })
+}
+
+/// Mounts bpffs at `path` unless it is already one.
+fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
+    let err = |source| BpfError::Bpffs {
+        path: path.display().to_string(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPFFS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(err)?;
+    tracing::info!(path = %path.display(), "mounting bpffs");
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c_path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Forwards aya-log records from the BPF programs to `tracing` (through the `log` bridge). The
+/// programs only log on cold paths; an object without the log map simply has nothing to forward.
+fn spawn_bpf_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "no BPF log map; BPF programs do not log");
+            return;
+        }
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring buffer fd, which stays open and unchanged for as long as
+        // the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot poll the BPF log ring buffer");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads the real programs into this kernel. Needs root and an agent built with its BPF object
+    /// (`cargo xtask test` does both); it fails, never skips, without them.
+    #[tokio::test]
+    async fn loads_programs_attaches_verdict_and_pins_maps() {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}-unit", std::process::id()));
+        struct Cleanup(PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
+        let programs = BpfPrograms::load(&dir).unwrap_or_else(|e| {
+            panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
+        });
+        for name in [map_names::SOCKS, map_names::FLOWS, map_names::COUNTERS] {
+            assert!(
+                dir.join(name).exists(),
+                "{name} is not pinned under {}",
+                dir.display()
+            );
+        }
+        // A pinned map can be opened again from its pin, as the ops tooling will.
+        aya::maps::MapData::from_pin(dir.join(map_names::FLOWS)).expect("reopen pinned flow map");
+        // Loading twice over the same pins replaces them (a restart after a crash).
+        drop(programs);
+        BpfPrograms::load(&dir).expect("reload over existing pins");
+    }
+}

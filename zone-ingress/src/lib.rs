@@ -7,6 +7,7 @@
 //! [`stats`] and [`admin`] observe; [`reload`] swaps route tables.
 
 pub mod admin;
+pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod config;

@@ -1,1 +1,76 @@
-//! TODO
+//! Reloading the standalone routes file on SIGHUP and when its content changes.
+//!
+//! The file is polled (content compared once a second) rather than watched with inotify: a
+//! Kubernetes ConfigMap is updated by swapping a symlink, which an inotify watch on the file
+//! misses, and a one-second poll of a small file costs nothing. A file that fails to parse or
+//! validate is rejected with the reason logged; the running table stays.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::RoutesFile;
+use crate::routes::{Route, RouteStore, RouteTable};
+use crate::stats::Stats;
+
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Builds a route table from a parsed routes file. Standalone routes have no cluster of their own:
+/// the SNI names it.
+pub fn table_from_file(file: &RoutesFile, source: &str) -> RouteTable {
+    RouteTable::new(
+        source,
+        file.routes
+            .iter()
+            .map(|r| Route::new(r.sni.as_str(), r.sni.as_str(), r.endpoints.clone())),
+    )
+}
+
+/// Watches `path` forever, replacing the table in `store` on every valid change.
+pub async fn watch_routes_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>) {
+    let mut last = std::fs::read(&path).ok();
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let content = match std::fs::read(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                if forced {
+                    tracing::error!(path = %path.display(), error = %e, "SIGHUP: cannot read the routes file; keeping the current table");
+                    stats.route_update(false);
+                }
+                continue;
+            }
+        };
+        if !forced && last.as_deref() == Some(content.as_slice()) {
+            continue;
+        }
+        last = Some(content.clone());
+        let origin = path.display().to_string();
+        let text = String::from_utf8_lossy(&content);
+        match RoutesFile::from_yaml_str(&text, &origin) {
+            Ok(file) => {
+                let table = table_from_file(&file, &origin);
+                tracing::info!(path = %origin, routes = table.len(), trigger = if forced { "SIGHUP" } else { "file change" }, "route table reloaded");
+                store.replace(table);
+                stats.route_update(true);
+            }
+            Err(e) => {
+                tracing::error!("rejected routes reload, keeping the current table: {e}");
+                stats.route_update(false);
+            }
+        }
+    }
+}

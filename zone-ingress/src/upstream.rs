@@ -1,1 +1,67 @@
-//! TODO
+//! Connecting to a route's endpoints: round robin, a timeout per attempt, failover to the next.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::routes::Route;
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("route {sni} has no endpoints")]
+    NoEndpoints { sni: String },
+    #[error("no endpoint of route {sni} could be reached: {}", describe(.attempts))]
+    AllFailed {
+        sni: String,
+        attempts: Vec<(SocketAddr, String)>,
+    },
+}
+
+fn describe(attempts: &[(SocketAddr, String)]) -> String {
+    attempts
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Connects to the route's next endpoint, trying each of the others once on failure.
+pub async fn connect(
+    route: &Route,
+    timeout: Duration,
+    stats: &Stats,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let mut attempts = Vec::new();
+    for endpoint in route.endpoints_round_robin() {
+        let result = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("connect timed out after {timeout:?}")),
+        };
+        match result {
+            Ok(stream) => {
+                // Small TLS records (handshake, RPCs) must not wait for Nagle.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%endpoint, error = %e, "TCP_NODELAY on upstream failed");
+                }
+                return Ok((stream, endpoint));
+            }
+            Err(reason) => {
+                stats.upstream_connect_failed();
+                tracing::debug!(sni = %route.sni, %endpoint, %reason, "endpoint connect failed, trying the next");
+                attempts.push((endpoint, reason));
+            }
+        }
+    }
+    if attempts.is_empty() {
+        return Err(ConnectError::NoEndpoints {
+            sni: route.sni.to_string(),
+        });
+    }
+    Err(ConnectError::AllFailed {
+        sni: route.sni.to_string(),
+        attempts,
+    })
+}

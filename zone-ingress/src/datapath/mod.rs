@@ -1,1 +1,47 @@
-//! TODO
+//! Moving a routed flow's bytes: the userspace copy (always available, the fallback and the
+//! benchmark baseline) and the kernel splice (BPF SockHash + sk_skb verdict).
+
+pub mod userspace;
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// What the operator asked for with `--datapath`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathMode {
+    /// The kernel splice where it can be used, the userspace copy where it cannot (decided per flow).
+    Auto,
+    /// The kernel splice; the agent refuses to start if the BPF programs cannot be loaded.
+    Sockmap,
+    /// Copy every byte through the agent (no BPF at all).
+    Userspace,
+}
+
+/// How a flow ended, for logs and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// Both directions finished with a FIN after all their data.
+    Closed,
+    /// One side reset (or failed); the other side was reset too.
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FlowSummary {
+    pub end: FlowEnd,
+    /// Bytes client -> upstream (including the replayed ClientHello).
+    pub bytes_up: u64,
+    /// Bytes upstream -> client.
+    pub bytes_down: u64,
+    pub duration: Duration,
+}
+
+/// Resets a connection: SO_LINGER 0 makes the close send RST, so the peer learns the stream broke
+/// instead of seeing a clean end of stream.
+pub fn reset(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    if let Err(e) = sock.set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0 failed; the close will send FIN, not RST");
+    }
+}

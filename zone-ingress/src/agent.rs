@@ -1,0 +1,174 @@
+//! `zone-ingress run`: wiring configuration, route source, BPF, listener and admin API together,
+//! and the shutdown sequence.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::admin::{self, Readiness};
+use crate::bpf::BpfPrograms;
+use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
+use crate::datapath::DatapathMode;
+use crate::listener::{self, ActiveFlows, Ingress};
+use crate::reload;
+use crate::routes::RouteStore;
+use crate::stats::Stats;
+use crate::tls::HelloLimits;
+
+/// Everything `run` needs, already parsed from flags.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: Option<PathBuf>,
+    pub routes: Option<PathBuf>,
+    pub datapath: DatapathMode,
+    pub client_hello_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_time: Duration,
+    pub pin_dir: PathBuf,
+}
+
+/// The ZoneIngress resource and the route file, from flags or the embedded defaults.
+pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String)> {
+    let zi = match &opts.config {
+        Some(path) => ZoneIngress::load(path)?,
+        None => ZoneIngress::from_yaml_str(
+            DEFAULT_ZONE_INGRESS_YAML,
+            "embedded default config/zone-ingress.yaml",
+        )?,
+    };
+    let (routes, origin) = match (&opts.routes, &opts.config) {
+        (Some(path), _) => (RoutesFile::load(path)?, path.display().to_string()),
+        (None, None) => (
+            RoutesFile::from_yaml_str(DEFAULT_ROUTES_YAML, "embedded default config/routes.yaml")?,
+            "embedded default config/routes.yaml".to_string(),
+        ),
+        (None, Some(_)) => bail!(
+            "no source of routes: pass --routes FILE (a standalone route table). The embedded default \
+             routes are only used when neither --config nor --routes is given"
+        ),
+    };
+    Ok((zi, routes, origin))
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let (zi, routes_file, routes_origin) = load_config(&opts)?;
+    if opts.config.is_none() {
+        tracing::info!(
+            "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
+        );
+    }
+    let stats = Arc::new(Stats::new());
+    let routes = Arc::new(RouteStore::new(reload::table_from_file(
+        &routes_file,
+        &routes_origin,
+    )));
+    let readiness = Arc::new(Readiness::default());
+
+    let _bpf = load_datapath(&opts)?;
+
+    let listen = zi.listen_addr();
+    let listener = listener::bind(listen).with_context(|| {
+        format!("cannot listen on {listen} (networking.address/port of ZoneIngress {}): is the address local and the port free?", zi.name)
+    })?;
+    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
+    let admin_listener = admin::bind(admin_addr).await?;
+    tokio::spawn(admin::serve(
+        admin_listener,
+        readiness.clone(),
+        stats.clone(),
+    ));
+
+    if let Some(path) = opts.routes.clone() {
+        tokio::spawn(reload::watch_routes_file(
+            path,
+            routes.clone(),
+            stats.clone(),
+        ));
+    }
+
+    let flows = Arc::new(ActiveFlows::default());
+    let ingress = Arc::new(Ingress {
+        routes: routes.clone(),
+        stats: stats.clone(),
+        hello_limits: HelloLimits {
+            timeout: opts.client_hello_timeout,
+            ..HelloLimits::default()
+        },
+        connect_timeout: opts.connect_timeout,
+        flows: flows.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
+    readiness.set_ready();
+    tracing::info!(
+        name = %zi.name,
+        %listen,
+        admin = %admin_addr,
+        routes = routes.load().len(),
+        "zone-ingress listening"
+    );
+
+    let signal_name = wait_for_shutdown_signal().await?;
+    readiness.set_terminating();
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let active = flows.count();
+    tracing::info!(signal = signal_name, active_flows = active, drain_time = ?opts.drain_time, "stopped accepting; draining");
+    if tokio::time::timeout(opts.drain_time, flows.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = flows.count(),
+            "drain time over; closing the remaining flows"
+        );
+    }
+    Ok(())
+}
+
+/// Loads the BPF programs when the datapath wants them. `auto` falls back (said once); `sockmap`
+/// makes a failure fatal.
+fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
+    match opts.datapath {
+        DatapathMode::Userspace => {
+            tracing::info!("datapath: userspace copy (--datapath userspace)");
+            Ok(None)
+        }
+        DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir) {
+            Ok(p) => {
+                tracing::info!(
+                    "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+                );
+                Ok(Some(p))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "datapath: BPF unavailable, using the userspace copy for every flow: {e}"
+                );
+                Ok(None)
+            }
+        },
+        DatapathMode::Sockmap => {
+            let p = BpfPrograms::load(&opts.pin_dir)
+                .context("--datapath sockmap needs the BPF programs")?;
+            tracing::info!(
+                "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+            );
+            Ok(Some(p))
+        }
+    }
+}
+
+async fn wait_for_shutdown_signal() -> Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
