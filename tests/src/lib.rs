@@ -78,12 +78,20 @@ macro_rules! datapath_tests {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn userspace() {
-                $crate::run_test(::std::time::Duration::from_secs($secs), super::$body($crate::agent::Datapath::Userspace)).await
+                $crate::run_test(
+                    ::std::time::Duration::from_secs($secs),
+                    super::$body($crate::agent::Datapath::Userspace),
+                )
+                .await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn auto() {
-                $crate::run_test(::std::time::Duration::from_secs($secs), super::$body($crate::agent::Datapath::Auto)).await
+                $crate::run_test(
+                    ::std::time::Duration::from_secs($secs),
+                    super::$body($crate::agent::Datapath::Auto),
+                )
+                .await
             }
         }
     };

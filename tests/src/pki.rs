@@ -26,7 +26,27 @@ pub struct Pki {
     server_key_der: Vec<u8>,
     pub client_chain: Vec<CertificateDer<'static>>,
     client_key_der: Vec<u8>,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+/// The PKI lives for the whole test process (a static is never dropped), in `zi-pki-<pid>`; directories
+/// of test processes that are gone are removed here.
+fn sweep_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("zi-pki-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 impl Pki {
@@ -73,10 +93,10 @@ impl Pki {
             .signed_by(&client_key, &issuer)
             .expect("sign the client cert");
 
-        let dir = tempfile::Builder::new()
-            .prefix("zi-pki-")
-            .tempdir()
-            .expect("create a temp dir for the PKI");
+        sweep_stale_dirs();
+        let dir = std::env::temp_dir().join(format!("zi-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("create the PKI dir {}: {e}", dir.display()));
         let files = [
             ("ca.pem", ca_cert.pem()),
             ("server.pem", server_cert.pem()),
@@ -85,7 +105,7 @@ impl Pki {
             ("client.key", client_key.serialize_pem()),
         ];
         for (name, pem) in files {
-            std::fs::write(dir.path().join(name), pem).expect("write PKI PEM file");
+            std::fs::write(dir.join(name), pem).expect("write PKI PEM file");
         }
 
         Pki {
@@ -107,11 +127,11 @@ impl Pki {
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// PEM files: `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
     pub fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir.join(name)
     }
 }

@@ -32,7 +32,14 @@ pub struct Probe {
 
 impl fmt::Debug for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Probe {{ received {} bytes {:?}, end {:?}, after {:?} }}", self.received.len(), &self.received[..self.received.len().min(32)], self.end, self.elapsed)
+        write!(
+            f,
+            "Probe {{ received {} bytes {:?}, end {:?}, after {:?} }}",
+            self.received.len(),
+            &self.received[..self.received.len().min(32)],
+            self.end,
+            self.elapsed
+        )
     }
 }
 
@@ -45,8 +52,13 @@ impl Probe {
 
 /// Connects from `ns` to `addr`, writes `bytes`, then reads until the connection ends or `limit` passes.
 pub async fn send_and_watch(ns: &Netns, addr: SocketAddr, bytes: &[u8], limit: Duration) -> Probe {
-    let mut s = ns.connect(addr).await.unwrap_or_else(|e| panic!("connect to the agent at {addr}: {e}"));
-    s.write_all(bytes).await.unwrap_or_else(|e| panic!("write {} probe bytes: {e}", bytes.len()));
+    let mut s = ns
+        .connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the agent at {addr}: {e}"));
+    s.write_all(bytes)
+        .await
+        .unwrap_or_else(|e| panic!("write {} probe bytes: {e}", bytes.len()));
     let start = Instant::now();
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
@@ -60,5 +72,9 @@ pub async fn send_and_watch(ns: &Netns, addr: SocketAddr, bytes: &[u8], limit: D
             Ok(Err(e)) => break End::Error(e),
         }
     };
-    Probe { received, end, elapsed: start.elapsed() }
+    Probe {
+        received,
+        end,
+        elapsed: start.elapsed(),
+    }
 }

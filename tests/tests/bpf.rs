@@ -1,4 +1,4 @@
-//! 11. BPF: with `--datapath auto` as root the agent pins its maps under `--pin-dir`; with `userspace` it
+//! BPF (case 11): with `--datapath auto` as root the agent pins its maps under `--pin-dir`; with `userspace` it
 //! loads nothing.
 
 use std::time::Duration;
@@ -13,7 +13,11 @@ const MAPS: [&str; 3] = ["ZI_SOCKS", "ZI_FLOWS", "ZI_COUNTERS"];
 
 fn listing(dir: &std::path::Path) -> String {
     match std::fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
         Err(e) => format!("<{e}>"),
     }
 }
@@ -22,8 +26,14 @@ fn listing(dir: &std::path::Path) -> String {
 async fn auto_pins_maps_while_running() {
     run_test(Duration::from_secs(60), async {
         let topo = Topology::new();
-        let backend = Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
-        let agent = Agent::start(&topo.ingress, &[Route::new(SNI_BACKEND, &[backend.addr])], Options::new(Datapath::Auto)).await;
+        let backend =
+            Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
+        let agent = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[backend.addr])],
+            Options::new(Datapath::Auto),
+        )
+        .await;
         let dir = agent.pin_dir().to_path_buf();
         for map in MAPS {
             assert!(
@@ -33,10 +43,16 @@ async fn auto_pins_maps_while_running() {
                 listing(&dir)
             );
         }
-        let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND).await.expect("handshake through the agent");
-        tls::echo_roundtrip(&mut s, b"spliced?").await.expect("echo");
+        let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
+            .await
+            .expect("handshake through the agent");
+        tls::echo_roundtrip(&mut s, b"spliced?")
+            .await
+            .expect("echo");
         let m = agent
-            .metrics_until(Duration::from_secs(2), |m| m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0)
+            .metrics_until(Duration::from_secs(2), |m| {
+                m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0
+            })
             .await;
         assert!(
             m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0,
@@ -44,7 +60,11 @@ async fn auto_pins_maps_while_running() {
             m.dump("zone_ingress_flows")
         );
         for map in MAPS {
-            assert!(dir.join(map).exists(), "{map} vanished from {} while the agent runs", dir.display());
+            assert!(
+                dir.join(map).exists(),
+                "{map} vanished from {} while the agent runs",
+                dir.display()
+            );
         }
     })
     .await
@@ -54,10 +74,17 @@ async fn auto_pins_maps_while_running() {
 async fn userspace_loads_no_bpf() {
     run_test(Duration::from_secs(60), async {
         let topo = Topology::new();
-        let backend = Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
-        let agent =
-            Agent::start(&topo.ingress, &[Route::new(SNI_BACKEND, &[backend.addr])], Options::new(Datapath::Userspace)).await;
-        let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND).await.expect("handshake through the agent");
+        let backend =
+            Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
+        let agent = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[backend.addr])],
+            Options::new(Datapath::Userspace),
+        )
+        .await;
+        let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
+            .await
+            .expect("handshake through the agent");
         tls::echo_roundtrip(&mut s, b"copied").await.expect("echo");
         let dir = agent.pin_dir();
         assert!(
@@ -67,8 +94,17 @@ async fn userspace_loads_no_bpf() {
             listing(dir)
         );
         let m = agent.metrics().await;
-        assert!(m.get("zone_ingress_flows_total", &[("datapath", "userspace")]) >= 1.0, "{}", m.dump("zone_ingress_flows"));
-        assert_eq!(m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]), 0.0, "{}", m.dump("zone_ingress_flows"));
+        assert!(
+            m.get("zone_ingress_flows_total", &[("datapath", "userspace")]) >= 1.0,
+            "{}",
+            m.dump("zone_ingress_flows")
+        );
+        assert_eq!(
+            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]),
+            0.0,
+            "{}",
+            m.dump("zone_ingress_flows")
+        );
     })
     .await
 }

@@ -1,4 +1,4 @@
-//! 13. Route reloads: SIGHUP and file changes add routes; a broken file keeps the old table.
+//! Route reloads (case 13): SIGHUP and file changes add routes; a broken file keeps the old table.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +12,12 @@ use zone_ingress_tests::wire;
 
 /// One flow for `sni`: handshake and echo; Err with the reason when it fails.
 async fn flow(topo: &Topology, agent: &Agent<'_>, sni: &str) -> Result<(), String> {
-    let mut s = tls::connect(&topo.client, agent.addr(), sni).await.map_err(|e| format!("handshake: {e}"))?;
-    tls::echo_roundtrip(&mut s, sni.as_bytes()).await.map_err(|e| format!("echo: {e}"))?;
+    let mut s = tls::connect(&topo.client, agent.addr(), sni)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls::echo_roundtrip(&mut s, sni.as_bytes())
+        .await
+        .map_err(|e| format!("echo: {e}"))?;
     Ok(())
 }
 
@@ -32,9 +36,17 @@ async fn flow_eventually(topo: &Topology, agent: &Agent<'_>, sni: &str, limit: D
 }
 
 async fn assert_unrouted(topo: &Topology, agent: &Agent<'_>, sni: &str) {
-    let p = probe::send_and_watch(&topo.client, agent.addr(), &wire::client_hello_bytes(sni), Duration::from_secs(8))
-        .await;
-    assert!(p.closed_silently(), "{sni} is not routed yet: expected a silent close, saw {p:?}");
+    let p = probe::send_and_watch(
+        &topo.client,
+        agent.addr(),
+        &wire::client_hello_bytes(sni),
+        Duration::from_secs(8),
+    )
+    .await;
+    assert!(
+        p.closed_silently(),
+        "{sni} is not routed yet: expected a silent close, saw {p:?}"
+    );
 }
 
 struct Backends {
@@ -97,9 +109,17 @@ async fn file_change_reloads_without_signal() {
     run_test(Duration::from_secs(60), async {
         let topo = Topology::new();
         let be = backends(&topo).await;
-        let agent = Agent::start(&topo.ingress, &[Route::new(SNI_BACKEND, &[be.a.addr])], Options::new(Datapath::Userspace)).await;
+        let agent = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[be.a.addr])],
+            Options::new(Datapath::Userspace),
+        )
+        .await;
         assert_unrouted(&topo, &agent, SNI_OTHER).await;
-        agent.write_routes(&[Route::new(SNI_BACKEND, &[be.a.addr]), Route::new(SNI_OTHER, &[be.b.addr])]);
+        agent.write_routes(&[
+            Route::new(SNI_BACKEND, &[be.a.addr]),
+            Route::new(SNI_OTHER, &[be.b.addr]),
+        ]);
         flow_eventually(&topo, &agent, SNI_OTHER, Duration::from_secs(10)).await;
     })
     .await
