@@ -244,13 +244,13 @@ impl<'ns> Agent<'ns> {
         SocketAddr::new(INGRESS_V4.into(), INGRESS_PORT)
     }
 
-    /// Everything the agent wrote to stderr/stdout so far.
+    /// Everything the agent wrote to stderr/stdout so far (ANSI colour codes removed).
     pub fn stderr(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = File::open(self.dir.path().join("stderr.log")) {
             let _ = f.read_to_string(&mut s);
         }
-        s
+        strip_ansi(&s)
     }
 
     /// True while the agent process runs.
@@ -353,6 +353,25 @@ impl Drop for Agent<'_> {
             );
         }
     }
+}
+
+/// Removes `ESC [ ... letter` sequences (colours) from a log.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Minimal HTTP/1.1 GET from inside `ns` (Connection: close, Content-Length or chunked bodies), 5 s bound.

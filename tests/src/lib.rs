@@ -11,6 +11,10 @@
 //! - [`agent`]: spawn the agent, wait for `/ready`, scrape `/stats/prometheus`, run `check`;
 //! - [`probe`]: raw TCP probes that watch how the agent closes a connection;
 //! - [`wire`]: stream wrappers that dribble or re-frame the ClientHello, raw ClientHello bytes, a fast PRNG.
+//!
+//! Environment: `ZONE_INGRESS_BIN` (agent binary, default `<workspace>/target/release/zone-ingress`),
+//! `ZI_BULK_BYTES` (bulk test size each way, default 1 GiB), `ZI_AGENT_LOG` (the agent's `RUST_LOG`, default
+//! `info`). Everything needs root.
 
 pub mod agent;
 pub mod netns;
@@ -61,12 +65,17 @@ pub fn raise_nofile_limit() {
 }
 
 /// Runs one test body: checks root, then bounds the body by `limit`. Everything the body owns (namespaces,
-/// agent process, pin dir) is dropped, and so cleaned up, when it finishes, panics or times out.
+/// agent process, pin dir) is dropped, and so cleaned up, when it finishes, panics or times out; on a timeout
+/// the panic starts while the body is still alive, so the guards see a failing test and print the agent's log.
 pub async fn run_test<F: Future<Output = ()>>(limit: Duration, body: F) {
     require_root();
     raise_nofile_limit();
-    if tokio::time::timeout(limit, body).await.is_err() {
-        panic!("test body did not finish within {limit:?} (see the agent's stderr above, if any)");
+    let body = std::pin::pin!(body);
+    tokio::select! {
+        () = body => {}
+        () = tokio::time::sleep(limit) => {
+            panic!("test body did not finish within {limit:?} (the agent's stderr follows, if one ran)")
+        }
     }
 }
 

@@ -625,3 +625,27 @@ async fn all_endpoints_down(dp: Datapath) {
     );
 }
 datapath_tests!(endpoints_all_down_reset, all_endpoints_down, 60);
+
+// IPv6 endpoint: the agent dials the backend over IPv6 on the ingress <-> backend link.
+async fn ipv6_endpoint(dp: Datapath) {
+    let topo = Topology::new();
+    let addr =
+        std::net::SocketAddr::new(zone_ingress_tests::netns::BACKEND_V6.into(), BACKEND_PORT);
+    let mut backend = Backend::start(&topo.backend, addr, Behaviour::Echo).await;
+    let agent = Agent::start(
+        &topo.ingress,
+        &[Route::new(SNI_BACKEND, &[addr])],
+        Options::new(dp),
+    )
+    .await;
+    let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
+        .await
+        .unwrap_or_else(|e| panic!("handshake through the agent to the IPv6 endpoint {addr}: {e}"));
+    tls::echo_roundtrip(&mut s, b"over ipv6")
+        .await
+        .expect("echo over the IPv6 upstream");
+    s.shutdown().await.expect("close");
+    let out = backend.outcome(Duration::from_secs(10)).await;
+    assert!(out.error.is_none(), "backend failed: {:?}", out.error);
+}
+datapath_tests!(ipv6_endpoint_routed, ipv6_endpoint, 60);
