@@ -46,19 +46,9 @@ async fn auto_pins_maps_while_running() {
         let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
             .await
             .expect("handshake through the agent");
-        tls::echo_roundtrip(&mut s, b"spliced?")
+        tls::echo_roundtrip(&mut s, b"with pins")
             .await
             .expect("echo");
-        let m = agent
-            .metrics_until(Duration::from_secs(2), |m| {
-                m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0
-            })
-            .await;
-        assert!(
-            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0,
-            "with --datapath auto as root a flow should take the sockmap path:\n{}",
-            m.dump("zone_ingress_flows")
-        );
         for map in MAPS {
             assert!(
                 dir.join(map).exists(),
@@ -66,6 +56,34 @@ async fn auto_pins_maps_while_running() {
                 dir.display()
             );
         }
+    })
+    .await
+}
+
+/// With `--datapath auto` as root, a plain flow takes the kernel path (`flows_total{datapath="sockmap"}`),
+/// and its bytes are not copied in userspace beyond the handoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_splices_flows() {
+    run_test(Duration::from_secs(60), async {
+        let topo = Topology::new();
+        let backend = Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
+        let agent = Agent::start(&topo.ingress, &[Route::new(SNI_BACKEND, &[backend.addr])], Options::new(Datapath::Auto)).await;
+        let mut s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND).await.expect("handshake through the agent");
+        let big = vec![0x5au8; 4 << 20];
+        tls::echo_roundtrip(&mut s, &big).await.expect("echo 4 MiB");
+        let m = agent
+            .metrics_until(Duration::from_secs(2), |m| m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0)
+            .await;
+        assert!(
+            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0,
+            "with --datapath auto as root a flow should take the sockmap path:\n{}",
+            m.dump("zone_ingress")
+        );
+        let copied = m.sum("zone_ingress_userspace_copied_bytes_total");
+        assert!(
+            copied < (4 << 20) as f64,
+            "a spliced flow should not copy its 8 MiB through userspace (userspace_copied_bytes_total {copied})"
+        );
     })
     .await
 }

@@ -96,25 +96,21 @@ async fn bulk_both_ways(dp: Datapath) {
         n as f64 / secs / 1e6
     );
     let m = agent.metrics().await;
-    match dp {
-        Datapath::Userspace => {
-            let copied = m.sum("zone_ingress_userspace_copied_bytes_total");
-            assert!(
-                copied >= 2.0 * n as f64,
-                "userspace_copied_bytes_total is {copied}, expected at least 2 x {n}:\n{}",
-                m.dump("zone_ingress")
-            );
-        }
-        _ => {
-            let spliced = m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]);
-            assert!(
-                spliced >= 1.0,
-                "with --datapath auto as root the flow should be spliced (flows_total{{datapath=\"sockmap\"}} is \
-                 {spliced}):\n{}",
-                m.dump("zone_ingress")
-            );
-        }
+    let copied = m.sum("zone_ingress_userspace_copied_bytes_total");
+    let spliced = m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]);
+    eprintln!(
+        "bulk {}: flows_total{{datapath=\"sockmap\"}} {spliced}, userspace_copied_bytes {copied}",
+        dp.as_str()
+    );
+    if dp == Datapath::Userspace {
+        assert!(
+            copied >= 2.0 * n as f64,
+            "userspace_copied_bytes_total is {copied}, expected at least 2 x {n}:\n{}",
+            m.dump("zone_ingress")
+        );
     }
+    // Whether `auto` really spliced is asserted by bpf.rs (auto_splices_flows), so that this test reports
+    // only on the integrity of the bytes.
 }
 datapath_tests!(bulk_1gib_each_way, bulk_both_ways, 240);
 
