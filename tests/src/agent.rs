@@ -144,6 +144,27 @@ fn ensure_bpffs() {
     );
 }
 
+/// Removes `/sys/fs/bpf/zi-test-<pid>-<n>` pin dirs of test processes that are gone (killed before their
+/// Drop guards ran).
+fn sweep_stale_pin_dirs() {
+    let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("zi-test-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A running agent inside the ingress namespace. Drop sends SIGTERM (then SIGKILL), removes the pin dir,
 /// and prints the agent's stderr when the test is failing.
 pub struct Agent<'ns> {
@@ -169,6 +190,7 @@ impl<'ns> Agent<'ns> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()));
         if opts.datapath != Datapath::Userspace {
             ensure_bpffs();
+            sweep_stale_pin_dirs();
         }
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create the agent's stderr log");

@@ -624,3 +624,62 @@ impl Drop for OpensslRevServer {
         }
     }
 }
+
+/// A plain TCP backend (no TLS) that records the raw bytes of each connection, to check that the agent
+/// forwards exactly what the client sent (the ClientHello replay and whatever followed it).
+pub struct RawRecorder {
+    pub addr: SocketAddr,
+    conns: mpsc::UnboundedReceiver<Vec<u8>>,
+    accepts: tokio::task::AbortHandle,
+}
+
+impl RawRecorder {
+    /// Listens on `addr` in `ns`; each connection is read until it has `want` bytes, EOF, or 5 s passed.
+    pub async fn start(ns: &Netns, addr: SocketAddr, want: usize) -> RawRecorder {
+        let listener = ns.listen(addr).await;
+        let (tx, conns) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut set = JoinSet::new();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                set.spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while got.len() < want {
+                        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => break,
+                        }
+                    }
+                    let _ = tx.send(got);
+                });
+                while set.try_join_next().is_some() {}
+            }
+        });
+        RawRecorder {
+            addr,
+            conns,
+            accepts: task.abort_handle(),
+        }
+    }
+
+    /// The bytes of the next connection (waits at most `limit`).
+    pub async fn next(&mut self, limit: Duration) -> Vec<u8> {
+        tokio::time::timeout(limit, self.conns.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no connection reached the raw backend {} within {limit:?}",
+                    self.addr
+                )
+            })
+            .expect("raw backend task ended")
+    }
+}
+
+impl Drop for RawRecorder {
+    fn drop(&mut self) {
+        self.accepts.abort();
+    }
+}

@@ -645,3 +645,61 @@ async fn ipv6_endpoint(dp: Datapath) {
     assert!(out.error.is_none(), "backend failed: {:?}", out.error);
 }
 datapath_tests!(ipv6_endpoint_routed, ipv6_endpoint, 60);
+
+// The agent forwards the client's bytes verbatim: the ClientHello as sent (one record, or three records)
+// and whatever the client wrote right behind it in the same segment.
+async fn bytes_forwarded_verbatim(dp: Datapath) {
+    let topo = Topology::new();
+    let hello = wire::client_hello_bytes(SNI_BACKEND);
+    // Both cases send the same total (the split adds two 5-byte record headers), so the recorder knows
+    // when a connection is complete.
+    let mut trailing = vec![0u8; 3010];
+    wire::Prng::new(11).fill(&mut trailing);
+    let cases: [(&str, Vec<u8>); 2] = [
+        (
+            "one-record ClientHello + 3010 bytes in one write",
+            [hello.clone(), trailing.clone()].concat(),
+        ),
+        (
+            "three-record ClientHello + 3000 bytes in one write",
+            [
+                wire::split_record(&hello, Split::HeaderSpanning),
+                trailing[..3000].to_vec(),
+            ]
+            .concat(),
+        ),
+    ];
+    let want = cases[0].1.len();
+    assert_eq!(want, cases[1].1.len());
+    let mut raw =
+        tls::RawRecorder::start(&topo.backend, Topology::backend_addr(BACKEND_PORT), want).await;
+    let agent = Agent::start(
+        &topo.ingress,
+        &[Route::new(SNI_BACKEND, &[raw.addr])],
+        Options::new(dp),
+    )
+    .await;
+    for (what, bytes) in cases {
+        let mut s = topo
+            .client
+            .connect(agent.addr())
+            .await
+            .expect("connect to the agent");
+        s.write_all(&bytes)
+            .await
+            .expect("write ClientHello and trailing bytes");
+        let got = raw.next(Duration::from_secs(10)).await;
+        let first_diff = got.iter().zip(&bytes).position(|(a, b)| a != b);
+        assert!(
+            got == bytes,
+            "{what}: the backend got {} bytes, the client sent {} (first difference at {first_diff:?})",
+            got.len(),
+            bytes.len()
+        );
+    }
+}
+datapath_tests!(
+    client_bytes_forwarded_verbatim,
+    bytes_forwarded_verbatim,
+    60
+);
