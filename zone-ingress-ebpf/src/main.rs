@@ -14,15 +14,19 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
-use zone_ingress_common::{FlowSide, MAX_SOCKETS, PROG_COUNTERS, ProgCounter};
+use zone_ingress_common::{FlowCtrl, FlowSide, MAX_SOCKETS, PROG_COUNTERS, ProgCounter};
 
 /// Spliced sockets, keyed by socket cookie.
 #[map(name = "ZI_SOCKS")]
 static ZI_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie -> its side of the flow (peer cookie, counters).
+/// Socket cookie -> its side of the flow (peer cookie, counters, pause state). Verdict-written.
 #[map(name = "ZI_FLOWS")]
 static ZI_FLOWS: HashMap<u64, FlowSide> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket cookie -> the agent's flow control (budget, consumed bytes). Agent-written.
+#[map(name = "ZI_CTRL")]
+static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Program counters, per CPU (summed by the agent).
 #[map(name = "ZI_COUNTERS")]
@@ -38,7 +42,7 @@ fn count(counter: ProgCounter) {
 
 #[stream_verdict]
 pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
-    let len = ctx.len();
+    let len = ctx.len() as u64;
     // SAFETY: sk_skb programs may call bpf_get_socket_cookie on their skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     let Some(side) = ZI_FLOWS.get_ptr_mut(cookie) else {
@@ -46,21 +50,51 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         count(ProgCounter::NoFlow);
         return SK_PASS;
     };
+    // SAFETY (all derefs of `side` and `ctrl` below): map value pointers, valid while the program
+    // runs. skbs of one socket go through the verdict one at a time under the socket lock, so the
+    // FlowSide fields have a single writer; FlowCtrl is only read here.
     if len == 0 {
         // A FIN arrives as a zero-length skb; redirecting it puts EPIPE on the peer and disables its
-        // transmit path. The agent propagates the FIN itself once the spliced bytes are acknowledged.
-        // SAFETY: entry pointer from the map, valid during the program.
+        // transmit path. The agent propagates the FIN itself once the spliced bytes reached the peer.
         unsafe { (*side).dropped_empty += 1 };
         count(ProgCounter::DroppedEmpty);
         return SK_DROP;
     }
-    // SAFETY: as above. skbs of one socket are processed one at a time under the socket lock, so
-    // these counters have a single writer.
+    // No control entry means the agent has not armed the flow: pass everything to it.
+    let (limit, consumed) = match ZI_CTRL.get_ptr(cookie) {
+        Some(ctrl) => unsafe { ((*ctrl).redirect_limit, (*ctrl).consumed_bytes) },
+        None => (0, 0),
+    };
+    let redirected = unsafe { (*side).redirected_bytes };
+    let within_budget = redirected + len <= limit;
+    unsafe {
+        if (*side).paused != 0 {
+            // Resume only once the agent has forwarded every byte passed to it: anything redirected
+            // earlier would overtake them.
+            if !(within_budget && (*side).passed_bytes == consumed) {
+                (*side).passed_bytes += len;
+                count(ProgCounter::Passed);
+                return SK_PASS;
+            }
+            (*side).paused = 0;
+            count(ProgCounter::Resumed);
+        } else if !within_budget {
+            // Over budget: the peer's redirect queue holds enough. Keep this skb on our own socket,
+            // where it counts against our receive buffer, so TCP closes the window and the sender
+            // slows down.
+            (*side).paused = 1;
+            (*side).pauses += 1;
+            (*side).passed_bytes += len;
+            count(ProgCounter::Paused);
+            count(ProgCounter::Passed);
+            return SK_PASS;
+        }
+    }
     let mut peer = unsafe { (*side).peer_cookie };
     let verdict = ZI_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
         unsafe {
-            (*side).redirected_bytes += len as u64;
+            (*side).redirected_bytes += len;
             (*side).redirected_skbs += 1;
         }
         count(ProgCounter::Redirected);

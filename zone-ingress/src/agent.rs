@@ -14,6 +14,7 @@ use crate::admin::{self, Readiness};
 use crate::bpf::BpfPrograms;
 use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
 use crate::datapath::DatapathMode;
+use crate::datapath::sockmap::Splicer;
 use crate::listener::{self, ActiveFlows, Ingress};
 use crate::reload;
 use crate::routes::RouteStore;
@@ -69,7 +70,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     )));
     let readiness = Arc::new(Readiness::default());
 
-    let _bpf = load_datapath(&opts)?;
+    let splicer = load_datapath(&opts)?.map(|p| Arc::new(Splicer::new(p)));
 
     let listen = zi.listen_addr();
     let listener = listener::bind(listen).with_context(|| {
@@ -101,6 +102,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
         connect_timeout: opts.connect_timeout,
         flows: flows.clone(),
+        splicer,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));

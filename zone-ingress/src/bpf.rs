@@ -8,10 +8,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, SockHash};
+use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use zone_ingress_common::{map_names, prog_names};
+use zone_ingress_common::{FlowCtrl, FlowSide, map_names, prog_names};
 
 /// The BPF object built by `cargo xtask build` (empty when built without it).
 static BPF_OBJECT: &[u8] =
@@ -52,10 +52,14 @@ pub enum BpfError {
 /// The loaded programs and their maps. Dropping it detaches nothing that is pinned: the maps stay
 /// readable under the pin directory for the ops tooling.
 pub struct BpfPrograms {
-    ebpf: Ebpf,
+    pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
     /// The SockHash the verdict program is attached to.
     pub socks: SockHash<MapData, u64>,
+    /// Socket cookie -> flow side (verdict-written).
+    pub flows: HashMap<MapData, u64, FlowSide>,
+    /// Socket cookie -> flow control (agent-written).
+    pub ctrl: HashMap<MapData, u64, FlowCtrl>,
 }
 
 impl std::fmt::Debug for BpfPrograms {
@@ -88,7 +92,12 @@ impl BpfPrograms {
         spawn_bpf_logger(&mut ebpf);
 
         // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
-        for name in [map_names::SOCKS, map_names::FLOWS, map_names::COUNTERS] {
+        for name in [
+            map_names::SOCKS,
+            map_names::FLOWS,
+            map_names::CTRL,
+            map_names::COUNTERS,
+        ] {
             let map = ebpf.map(name).ok_or(BpfError::Map {
                 name,
                 detail: "not in the object".into(),
@@ -96,15 +105,10 @@ impl BpfPrograms {
             pin(pin_dir, name, |p| map.pin(p))?;
         }
 
-        let socks_map = ebpf.take_map(map_names::SOCKS).ok_or(BpfError::Map {
-            name: map_names::SOCKS,
-            detail: "not in the object".into(),
-        })?;
         let socks: SockHash<MapData, u64> =
-            SockHash::try_from(socks_map).map_err(|e| BpfError::Map {
-                name: map_names::SOCKS,
-                detail: e.to_string(),
-            })?;
+            take_map(&mut ebpf, map_names::SOCKS, SockHash::try_from)?;
+        let flows = take_map(&mut ebpf, map_names::FLOWS, HashMap::try_from)?;
+        let ctrl = take_map(&mut ebpf, map_names::CTRL, HashMap::try_from)?;
 
         let program = |source| BpfError::Program {
             name: prog_names::SK_SKB_VERDICT,
@@ -126,13 +130,25 @@ impl BpfPrograms {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             socks,
+            flows,
+            ctrl,
         })
     }
+}
 
-    /// The loaded object, for modules that need more of its maps.
-    pub fn ebpf(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::Map {
+        name,
+        detail: "not in the object".into(),
+    })?;
+    convert(map).map_err(|e| BpfError::Map {
+        name,
+        detail: e.to_string(),
+    })
 }
 
 fn pin(
@@ -241,7 +257,12 @@ mod tests {
         let programs = BpfPrograms::load(&dir).unwrap_or_else(|e| {
             panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
         });
-        for name in [map_names::SOCKS, map_names::FLOWS, map_names::COUNTERS] {
+        for name in [
+            map_names::SOCKS,
+            map_names::FLOWS,
+            map_names::CTRL,
+            map_names::COUNTERS,
+        ] {
             assert!(
                 dir.join(name).exists(),
                 "{name} is not pinned under {}",

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::datapath::{self, FlowEnd};
+use crate::datapath::sockmap::{Fallback, Splicer};
+use crate::datapath::{self, FlowEnd, FlowSummary};
 use crate::routes::RouteStore;
 use crate::stats::{DatapathKind, RejectReason, Stats};
 use crate::tls::{HelloLimits, read_client_hello};
@@ -26,6 +27,8 @@ pub struct Ingress {
     pub hello_limits: HelloLimits,
     pub connect_timeout: Duration,
     pub flows: Arc<ActiveFlows>,
+    /// The kernel splice, when the BPF programs are loaded (`--datapath auto|sockmap`).
+    pub splicer: Option<Arc<Splicer>>,
 }
 
 /// Counts connections in flight so a drain can wait for them.
@@ -152,20 +155,52 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-    ingress.stats.flow_started(DatapathKind::Userspace);
-    let summary = datapath::userspace::proxy(down, up, &hello.consumed).await;
-    ingress.stats.copied(
-        DatapathKind::Userspace,
-        summary.bytes_up + summary.bytes_down,
-    );
+    let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed).await;
+    ingress.stats.copied(kind, summary.copied);
     tracing::debug!(
         %peer,
         sni = %route.sni,
         %endpoint,
+        datapath = kind.as_str(),
         bytes_up = summary.bytes_up,
         bytes_down = summary.bytes_down,
+        copied = summary.copied,
         duration = ?summary.duration,
         end = if summary.end == FlowEnd::Closed { "closed" } else { "reset" },
         "flow finished"
     );
+}
+
+/// Splices the flow in the kernel when possible, else copies it; decided per flow.
+async fn move_bytes(
+    ingress: &Ingress,
+    down: TcpStream,
+    up: TcpStream,
+    initial: &[u8],
+) -> (DatapathKind, FlowSummary) {
+    let (down, up, to_up, to_down) = match &ingress.splicer {
+        None => (down, up, initial.to_vec(), Vec::new()),
+        Some(splicer) => match splicer.handoff(down, up, initial).await {
+            Ok(flow) => {
+                ingress.stats.flow_started(DatapathKind::Sockmap);
+                return (DatapathKind::Sockmap, splicer.run(flow).await);
+            }
+            Err(Fallback {
+                down,
+                up,
+                reason,
+                to_up,
+                to_down,
+            }) => {
+                ingress.stats.splice_fallback(reason.label());
+                tracing::debug!(%reason, "kernel splice refused; copying this flow in userspace");
+                (down, up, to_up, to_down)
+            }
+        },
+    };
+    ingress.stats.flow_started(DatapathKind::Userspace);
+    (
+        DatapathKind::Userspace,
+        datapath::userspace::proxy(down, up, &to_up, &to_down).await,
+    )
 }

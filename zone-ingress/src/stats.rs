@@ -103,6 +103,7 @@ pub struct Stats {
     upstream_connect_failures: Counter,
     upstream_unavailable: Counter,
     route_reloads: Family<ResultLabel, Counter>,
+    splice_fallbacks: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Stats {
@@ -158,6 +159,12 @@ impl Stats {
             "Route table updates, applied or rejected",
             route_reloads.clone(),
         );
+        let splice_fallbacks = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "splice_fallbacks",
+            "Flows the kernel splice refused (they took the userspace copy), by reason",
+            splice_fallbacks.clone(),
+        );
         // Pre-create every label so a dashboard sees zeros rather than absent series.
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
@@ -183,7 +190,14 @@ impl Stats {
             upstream_connect_failures,
             upstream_unavailable,
             route_reloads,
+            splice_fallbacks,
         }
+    }
+
+    pub fn splice_fallback(&self, reason: &'static str) {
+        self.splice_fallbacks
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn connection_opened(&self) {

@@ -1,6 +1,7 @@
 //! Moving a routed flow's bytes: the userspace copy (always available, the fallback and the
 //! benchmark baseline) and the kernel splice (BPF SockHash + sk_skb verdict).
 
+pub mod sockmap;
 pub mod userspace;
 
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub struct FlowSummary {
     pub bytes_up: u64,
     /// Bytes upstream -> client.
     pub bytes_down: u64,
+    /// Of those, bytes the agent copied through userspace (all of them on the userspace path; the
+    /// ClientHello and any bytes passed while paused on the kernel path).
+    pub copied: u64,
     pub duration: Duration,
 }
 

@@ -27,21 +27,28 @@ enum PumpError {
 }
 
 /// Moves bytes between `down` (client) and `up` (endpoint) until both directions have ended or
-/// one side breaks. `initial` (the ClientHello and anything read with it) is written upstream first.
-pub async fn proxy(down: TcpStream, up: TcpStream, initial: &[u8]) -> FlowSummary {
+/// one side breaks. `to_up` (the ClientHello and anything read with it) is written upstream first,
+/// `to_down` (bytes already read from the endpoint) to the client.
+pub async fn proxy(down: TcpStream, up: TcpStream, to_up: &[u8], to_down: &[u8]) -> FlowSummary {
     let start = Instant::now();
-    if let Err(e) = write_all(&up, initial).await {
-        tracing::debug!(error = %e, "writing the ClientHello upstream failed");
+    let replayed = match write_all(&up, to_up).await {
+        Ok(()) => write_all(&down, to_down).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = replayed {
+        tracing::debug!(error = %e, "replaying bytes already read failed");
         reset(&down);
+        reset(&up);
         return FlowSummary {
             end: FlowEnd::Reset,
             bytes_up: 0,
             bytes_down: 0,
+            copied: 0,
             duration: start.elapsed(),
         };
     }
-    let mut bytes_up = initial.len() as u64;
-    let mut bytes_down = 0u64;
+    let mut bytes_up = to_up.len() as u64;
+    let mut bytes_down = to_down.len() as u64;
     let to_up = pump(&down, &up);
     let to_down = pump(&up, &down);
     tokio::pin!(to_up, to_down);
@@ -70,6 +77,7 @@ pub async fn proxy(down: TcpStream, up: TcpStream, initial: &[u8]) -> FlowSummar
         end,
         bytes_up,
         bytes_down,
+        copied: bytes_up + bytes_down,
         duration: start.elapsed(),
     }
 }
@@ -152,7 +160,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = back.accept().await.unwrap();
-        let task = tokio::spawn(async move { proxy(down, up, b"hello").await });
+        let task = tokio::spawn(async move { proxy(down, up, b"hello", b"").await });
         (client, server, task)
     }
 
