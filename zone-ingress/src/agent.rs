@@ -72,7 +72,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     )));
     let readiness = Arc::new(Readiness::default());
 
-    let splicer = load_datapath(&opts)?.map(|p| Splicer::new(p, opts.splice_budget));
+    let splicer = load_datapath(&opts)?.map(|p| Splicer::new(p, opts.splice_budget, stats.clone()));
 
     let listen = zi.listen_addr();
     let listener = listener::bind(listen).with_context(|| {

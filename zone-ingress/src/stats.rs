@@ -104,6 +104,7 @@ pub struct Stats {
     upstream_unavailable: Counter,
     route_reloads: Family<ResultLabel, Counter>,
     splice_fallbacks: Family<ReasonLabel, Counter>,
+    sender_clamps: Counter,
 }
 
 impl Default for Stats {
@@ -165,6 +166,12 @@ impl Stats {
             "Flows the kernel splice refused (they took the userspace copy), by reason",
             splice_fallbacks.clone(),
         );
+        let sender_clamps = Counter::default();
+        registry.register(
+            "splice_sender_clamps",
+            "Times a spliced flow's redirect queue exceeded the budget and its sender's window was clamped",
+            sender_clamps.clone(),
+        );
         // Pre-create every label so a dashboard sees zeros rather than absent series.
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
@@ -191,7 +198,12 @@ impl Stats {
             upstream_unavailable,
             route_reloads,
             splice_fallbacks,
+            sender_clamps,
         }
+    }
+
+    pub fn sender_clamped(&self) {
+        self.sender_clamps.inc();
     }
 
     pub fn splice_fallback(&self, reason: &'static str) {

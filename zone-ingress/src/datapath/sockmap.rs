@@ -34,6 +34,7 @@ use zone_ingress_common::{FlowCtrl, FlowSide};
 
 use super::{FlowEnd, FlowSummary, reset};
 use crate::bpf::BpfPrograms;
+use crate::stats::Stats;
 
 /// Default bytes one direction of a spliced flow may park in the kernel's redirect queue.
 pub const DEFAULT_BUDGET: u64 = 4 * 1024 * 1024;
@@ -113,6 +114,7 @@ pub struct Splicer {
     /// Source socket cookie -> the direction watching it, woken by a limit event.
     watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
     budget: u64,
+    stats: Arc<Stats>,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
 }
@@ -145,7 +147,7 @@ struct DirectionEnd {
 }
 
 impl Splicer {
-    pub fn new(programs: BpfPrograms, budget: u64) -> Arc<Self> {
+    pub fn new(programs: BpfPrograms, budget: u64, stats: Arc<Stats>) -> Arc<Self> {
         let BpfPrograms {
             ebpf,
             socks,
@@ -161,6 +163,7 @@ impl Splicer {
             events: Mutex::new(Some(events)),
             watchers: Mutex::new(StdHashMap::new()),
             budget: budget.max(1),
+            stats,
             _ebpf: ebpf,
         });
         splicer.clone().spawn_event_reader();
@@ -397,8 +400,18 @@ struct Direction<'a> {
     wake: Arc<Notify>,
     /// `src`'s receive-window clamp before the agent touched it; restored on release.
     original_clamp: Option<libc::c_int>,
-    clamped: bool,
+    /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
+    level: Option<usize>,
+    /// The redirect queue at the previous tick, to tell a draining queue from a growing one.
+    last_queued: u64,
 }
+
+/// Receive-window clamps applied to a sender, gentlest first. A hard clamp makes the receiver's
+/// MSS estimate collapse and the window regrow slowly after release (85 hard clamps cost 15 s of a
+/// 1 GiB transfer in a test), so a queue that is over budget but no longer growing keeps the
+/// current level, and only a queue that keeps growing (or passes twice the budget) gets the next. The kernel raises the
+/// last level to its minimum (about 1 KiB).
+const CLAMP_LEVELS: [libc::c_int; 4] = [256 * 1024, 64 * 1024, 16 * 1024, 1];
 
 impl<'a> Direction<'a> {
     fn new(
@@ -418,14 +431,15 @@ impl<'a> Direction<'a> {
             agent_written,
             wake,
             original_clamp: None,
-            clamped: false,
+            level: None,
+            last_queued: 0,
         }
     }
 
     async fn run(mut self) -> io::Result<DirectionEnd> {
         let result = self.watch().await;
-        if self.clamped {
-            let _ = self.release_clamp();
+        if self.level.is_some() {
+            let _ = self.set_level(None);
         }
         result
     }
@@ -487,10 +501,21 @@ impl<'a> Direction<'a> {
         let taken = tcp_stream_bytes(self.dst)?.saturating_sub(self.agent_written);
         let queued = side.redirected_bytes.saturating_sub(taken);
         let budget = self.splicer.budget;
-        if queued > budget && !self.clamped {
-            self.clamp()?;
-        } else if self.clamped && queued <= budget / 2 {
-            self.release_clamp()?;
+        let growing = queued >= self.last_queued;
+        self.last_queued = queued;
+        // Over budget and growing, or over twice the budget at all: hold the sender back harder.
+        // So the queue stays within twice the budget (plus the window the sender already had).
+        if queued > budget && (self.level.is_none() || growing || queued > 2 * budget) {
+            let next = self
+                .level
+                .map_or(0, |l| (l + 1).min(CLAMP_LEVELS.len() - 1));
+            if self.level != Some(next) {
+                self.set_level(Some(next))?;
+            }
+        } else if queued <= budget / 2 {
+            if let Some(l) = self.level {
+                self.set_level(l.checked_sub(1))?;
+            }
         }
         self.splicer
             .set_ctrl(self.src_cookie, 1, taken + budget)
@@ -499,28 +524,29 @@ impl<'a> Direction<'a> {
         if side.redirected_bytes != last.0 {
             *last = (side.redirected_bytes, now);
         }
-        Ok(self.clamped || now.duration_since(last.1) < COOL_AFTER)
+        Ok(self.level.is_some() || now.duration_since(last.1) < COOL_AFTER)
     }
 
-    fn clamp(&mut self) -> io::Result<()> {
+    /// Applies a clamp level to the sender's receive window (`None`: the original window).
+    fn set_level(&mut self, level: Option<usize>) -> io::Result<()> {
         if self.original_clamp.is_none() {
             self.original_clamp = Some(get_window_clamp(self.src)?);
         }
-        // The kernel raises this to its minimum (about 1 KiB); the window it already advertised
-        // is never shrunk, so the sender can still fill that, then it is held back.
-        set_window_clamp(self.src, 1)?;
-        self.clamped = true;
-        tracing::trace!(
-            cookie = self.src_cookie,
-            "redirect queue over budget: sender window clamped"
-        );
-        Ok(())
-    }
-
-    fn release_clamp(&mut self) -> io::Result<()> {
-        let original = self.original_clamp.unwrap_or(libc::c_int::MAX / 2);
-        set_window_clamp(self.src, original.max(1))?;
-        self.clamped = false;
+        let value = match level {
+            // The window already advertised is never shrunk: the sender can still fill it, then
+            // it is held to the clamp.
+            Some(l) => CLAMP_LEVELS[l],
+            None => self.original_clamp.unwrap_or(libc::c_int::MAX / 2).max(1),
+        };
+        set_window_clamp(self.src, value)?;
+        if self.level.is_none() && level.is_some() {
+            self.splicer.stats.sender_clamped();
+            tracing::trace!(
+                cookie = self.src_cookie,
+                "redirect queue over budget: sender window clamped"
+            );
+        }
+        self.level = level;
         Ok(())
     }
 
