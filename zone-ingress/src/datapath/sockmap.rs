@@ -512,10 +512,10 @@ impl<'a> Direction<'a> {
             if self.level != Some(next) {
                 self.set_level(Some(next))?;
             }
-        } else if queued <= budget / 2 {
-            if let Some(l) = self.level {
-                self.set_level(l.checked_sub(1))?;
-            }
+        } else if queued <= budget / 2
+            && let Some(l) = self.level
+        {
+            self.set_level(l.checked_sub(1))?;
         }
         self.splicer
             .set_ctrl(self.src_cookie, 1, taken + budget)
