@@ -105,6 +105,7 @@ pub struct Stats {
     route_reloads: Family<ResultLabel, Counter>,
     splice_fallbacks: Family<ReasonLabel, Counter>,
     sender_clamps: Counter,
+    queue_peak: Gauge,
 }
 
 impl Default for Stats {
@@ -172,6 +173,12 @@ impl Stats {
             "Times a spliced flow's redirect queue exceeded the budget and its sender's window was clamped",
             sender_clamps.clone(),
         );
+        let queue_peak = Gauge::default();
+        registry.register(
+            "splice_redirect_queue_peak_bytes",
+            "Largest redirect queue (bytes waiting in the kernel for one direction of one spliced flow) the flow controller measured since start",
+            queue_peak.clone(),
+        );
         // Pre-create every label so a dashboard sees zeros rather than absent series.
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
@@ -199,6 +206,24 @@ impl Stats {
             route_reloads,
             splice_fallbacks,
             sender_clamps,
+            queue_peak,
+        }
+    }
+
+    /// Records a measured redirect queue depth; the gauge keeps the largest.
+    pub fn redirect_queue_measured(&self, bytes: u64) {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let mut current = self.queue_peak.get();
+        while bytes > current {
+            match self.queue_peak.inner().compare_exchange(
+                current,
+                bytes,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
         }
     }
 

@@ -2,8 +2,10 @@
 //! benchmark baseline) and the kernel splice (BPF SockHash + sk_skb verdict).
 
 pub mod sockmap;
+mod sockopt;
 pub mod userspace;
 
+use std::io;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -48,4 +50,19 @@ pub fn reset(stream: &TcpStream) {
     if let Err(e) = sock.set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "SO_LINGER 0 failed; the close will send FIN, not RST");
     }
+}
+
+/// Writes all of `data`, waiting for the socket to be writable as often as needed.
+pub(crate) async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

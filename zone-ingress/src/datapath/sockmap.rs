@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use zone_ingress_common::{FlowCtrl, FlowSide};
 
-use super::{FlowEnd, FlowSummary, reset};
+use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
 use crate::bpf::BpfPrograms;
 use crate::stats::Stats;
 
@@ -500,6 +500,7 @@ impl<'a> Direction<'a> {
         let side = self.splicer.side(self.src_cookie);
         let taken = tcp_stream_bytes(self.dst)?.saturating_sub(self.agent_written);
         let queued = side.redirected_bytes.saturating_sub(taken);
+        self.splicer.stats.redirect_queue_measured(queued);
         let budget = self.splicer.budget;
         let growing = queued >= self.last_queued;
         self.last_queued = queued;
@@ -583,52 +584,15 @@ impl<'a> Direction<'a> {
 }
 
 fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: TCP_WINDOW_CLAMP writes one int.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
+    sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
 }
 
 fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
-    set_int_opt(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, value)
+    sockopt::set_int(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, value)
 }
 
 fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
-    set_int_opt(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
-}
-
-fn set_int_opt(
-    stream: &TcpStream,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option reads one int.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// Most bytes the handoff reads off a socket before giving up on splicing it.
@@ -660,22 +624,7 @@ const TCP_CLOSE: u8 = 7;
 /// Bytes that entered a socket's TCP send stream: acknowledged plus still queued (SIOCOUTQ). The
 /// redirect queue sits in front of it, outside TCP's accounting.
 fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
-    let fd = stream.as_raw_fd();
-    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     if info.tcpi_state == TCP_CLOSE {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionReset,
@@ -684,43 +633,14 @@ fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
     }
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
+    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
 }
 
 fn socket_cookie(stream: &TcpStream) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes one u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    sockopt::get(stream, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::{FlowEnd, FlowSummary, reset};
+use super::{FlowEnd, FlowSummary, reset, write_all};
 
 const MIN_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
@@ -126,20 +126,6 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> Result<u64, (u64, PumpError)>
             size /= 2;
         }
     }
-}
-
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
