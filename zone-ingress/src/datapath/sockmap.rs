@@ -404,7 +404,14 @@ struct Direction<'a> {
     level: Option<usize>,
     /// The redirect queue at the previous tick, to tell a draining queue from a growing one.
     last_queued: u64,
+    /// Consecutive ticks the queue has been over budget.
+    over_ticks: u32,
 }
+
+/// Ticks a queue between one and two budgets must stay over budget before the sender is clamped:
+/// the kernel's redirect worker lags for a few milliseconds at a time when the CPUs are busy, and
+/// clamping for such a spike costs far more throughput than the spike costs memory.
+const PERSIST_TICKS: u32 = 5;
 
 /// Receive-window clamps applied to a sender, gentlest first. A hard clamp makes the receiver's
 /// MSS estimate collapse and the window regrow slowly after release (85 hard clamps cost 15 s of a
@@ -433,6 +440,7 @@ impl<'a> Direction<'a> {
             original_clamp: None,
             level: None,
             last_queued: 0,
+            over_ticks: 0,
         }
     }
 
@@ -504,9 +512,16 @@ impl<'a> Direction<'a> {
         let budget = self.splicer.budget;
         let growing = queued >= self.last_queued;
         self.last_queued = queued;
-        // Over budget and growing, or over twice the budget at all: hold the sender back harder.
-        // So the queue stays within twice the budget (plus the window the sender already had).
-        if queued > budget && (self.level.is_none() || growing || queued > 2 * budget) {
+        self.over_ticks = if queued > budget {
+            self.over_ticks.saturating_add(1)
+        } else {
+            0
+        };
+        // Over twice the budget: hold the sender back harder at once, so the queue stays within
+        // twice the budget (plus the window the sender already had). Between one and two budgets:
+        // only a queue that stayed over budget and keeps growing.
+        let persistent = self.over_ticks >= PERSIST_TICKS && growing;
+        if queued > 2 * budget || (queued > budget && persistent) {
             let next = self
                 .level
                 .map_or(0, |l| (l + 1).min(CLAMP_LEVELS.len() - 1));
