@@ -106,6 +106,7 @@ pub struct Stats {
     splice_fallbacks: Family<ReasonLabel, Counter>,
     sender_clamps: Counter,
     queue_peak: Gauge,
+    integrity_errors: Counter,
 }
 
 impl Default for Stats {
@@ -179,6 +180,12 @@ impl Stats {
             "Largest redirect queue (bytes waiting in the kernel for one direction of one spliced flow) the flow controller measured since start",
             queue_peak.clone(),
         );
+        let integrity_errors = Counter::default();
+        registry.register(
+            "splice_integrity_errors",
+            "Spliced flows reset because the kernel delivered a different byte count than it received",
+            integrity_errors.clone(),
+        );
         // Pre-create every label so a dashboard sees zeros rather than absent series.
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
@@ -207,7 +214,12 @@ impl Stats {
             splice_fallbacks,
             sender_clamps,
             queue_peak,
+            integrity_errors,
         }
+    }
+
+    pub fn splice_integrity_error(&self) {
+        self.integrity_errors.inc();
     }
 
     /// Records a measured redirect queue depth; the gauge keeps the largest.

@@ -331,8 +331,9 @@ impl Splicer {
             initial_down,
             started,
         } = flow;
-        let to_up = Direction::new(self, &down, &up, down_cookie, initial);
-        let to_down = Direction::new(self, &up, &down, up_cookie, initial_down);
+        // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
+        let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
+        let to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
         // The first error ends the flow at once: the other direction may be idle forever (its
         // peer waiting), and the reset is what tells it the stream broke.
         let result = tokio::try_join!(to_up.run(), to_down.run());
@@ -395,13 +396,18 @@ struct Direction<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_cookie: u64,
-    /// Bytes the agent wrote to `dst` itself (replayed bytes, forwarded passed bytes).
+    /// Bytes the agent moved itself: read from `src` and written to `dst` (the replayed ClientHello
+    /// or drained bytes, and any passed bytes it forwarded). The same count on both sides.
     agent_written: u64,
+    /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
+    dst_syn: u64,
     wake: Arc<Notify>,
     /// `src`'s receive-window clamp before the agent touched it; restored on release.
     original_clamp: Option<libc::c_int>,
     /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
     level: Option<usize>,
+    /// Whether `src`'s receive buffer was fixed (which turns its autotuning off for good).
+    rcvbuf_locked: bool,
     /// The redirect queue at the previous tick, to tell a draining queue from a growing one.
     last_queued: u64,
     /// Consecutive ticks the queue has been over budget.
@@ -427,6 +433,7 @@ impl<'a> Direction<'a> {
         dst: &'a TcpStream,
         src_cookie: u64,
         agent_written: u64,
+        dst_syn: u64,
     ) -> Self {
         let wake = Arc::new(Notify::new());
         lock(&splicer.watchers).insert(src_cookie, wake.clone());
@@ -436,9 +443,11 @@ impl<'a> Direction<'a> {
             dst,
             src_cookie,
             agent_written,
+            dst_syn,
             wake,
             original_clamp: None,
             level: None,
+            rcvbuf_locked: false,
             last_queued: 0,
             over_ticks: 0,
         }
@@ -505,8 +514,13 @@ impl<'a> Direction<'a> {
     /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
     /// move the limit. Returns whether the direction is still hot.
     fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
+        // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
+        // redirecting and sending in between, so this order can only overstate what was
+        // redirected, never flag bytes that are simply newer than the first reading.
+        let in_tcp = self.dst_stream_bytes()?;
         let side = self.splicer.side(self.src_cookie);
-        let taken = tcp_stream_bytes(self.dst)?.saturating_sub(self.agent_written);
+        self.check_not_ahead(&side, in_tcp)?;
+        let taken = in_tcp.saturating_sub(self.agent_written);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
         let budget = self.splicer.budget;
@@ -533,6 +547,7 @@ impl<'a> Direction<'a> {
         {
             self.set_level(l.checked_sub(1))?;
         }
+        self.hold_level()?;
         self.splicer
             .set_ctrl(self.src_cookie, 1, taken + budget)
             .map_err(io::Error::other)?;
@@ -544,15 +559,31 @@ impl<'a> Direction<'a> {
     }
 
     /// Applies a clamp level to the sender's receive window (`None`: the original window).
+    ///
+    /// Receive-buffer autotuning rewrites the window clamp whenever it grows the buffer (it runs
+    /// for redirected bytes too), which silently undid clamps in our tests. So the first clamp
+    /// fixes the buffer at its current size (`SO_RCVBUFFORCE`, which turns autotuning off for this
+    /// socket), and the release sets it to autotuning's own ceiling (`tcp_rmem[2]`): the lock
+    /// cannot be undone, and that ceiling is what autotuning would have reached anyway.
     fn set_level(&mut self, level: Option<usize>) -> io::Result<()> {
         if self.original_clamp.is_none() {
             self.original_clamp = Some(get_window_clamp(self.src)?);
+        }
+        if level.is_some() && !self.rcvbuf_locked {
+            let current: libc::c_int = sockopt::get(self.src, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+            // The kernel doubles what it is given (bookkeeping overhead) and reports the doubled
+            // value: halve it to keep the size.
+            set_rcvbuf(self.src, (current / 2).max(1))?;
+            self.rcvbuf_locked = true;
         }
         let value = match level {
             // The window already advertised is never shrunk: the sender can still fill it, then
             // it is held to the clamp.
             Some(l) => CLAMP_LEVELS[l],
-            None => self.original_clamp.unwrap_or(libc::c_int::MAX / 2).max(1),
+            None => {
+                set_rcvbuf(self.src, autotune_ceiling() / 2)?;
+                self.original_clamp.unwrap_or(libc::c_int::MAX / 2).max(1)
+            }
         };
         set_window_clamp(self.src, value)?;
         if self.level.is_none() && level.is_some() {
@@ -566,13 +597,69 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
+    /// Re-applies the current clamp if something (the kernel) moved it.
+    fn hold_level(&mut self) -> io::Result<()> {
+        if let Some(l) = self.level
+            && get_window_clamp(self.src)? > CLAMP_LEVELS[l].max(MIN_WINDOW_CLAMP)
+        {
+            set_window_clamp(self.src, CLAMP_LEVELS[l])?;
+        }
+        Ok(())
+    }
+
+    /// Every byte in `dst`'s TCP stream came from the redirect or from the agent, so more than
+    /// that means the kernel sent something twice. On 6.18 we saw one loopback skb (65483 bytes)
+    /// arrive twice in about one of 16 slow-receiver runs, with no byte through userspace. Such a
+    /// stream is broken: reset it (the caller resets both sides) rather than let it go on silently.
+    fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64) -> io::Result<()> {
+        let expected_max = side.redirected_bytes + self.agent_written;
+        if in_tcp > expected_max {
+            return Err(self.integrity_error(format!(
+                "the peer's TCP stream holds {in_tcp} bytes but only {expected_max} were redirected or \
+                 written into it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// At EOF: what `src` received went exactly once into `dst`'s stream.
+    fn check_complete(&self) -> io::Result<()> {
+        let side = self.splicer.side(self.src_cookie);
+        let moved = side.redirected_bytes + self.agent_written;
+        // At EOF the FIN has been received, and counts as one byte.
+        let received = tcp_bytes_received(self.src)?.saturating_sub(1);
+        let in_tcp = self.dst_stream_bytes()?;
+        if received != moved || in_tcp != moved {
+            return Err(self.integrity_error(format!(
+                "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
+                 peer's stream",
+                side.redirected_bytes, self.agent_written
+            )));
+        }
+        Ok(())
+    }
+
+    /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN).
+    fn dst_stream_bytes(&self) -> io::Result<u64> {
+        Ok(tcp_stream_bytes(self.dst)?.saturating_sub(self.dst_syn))
+    }
+
+    fn integrity_error(&self, detail: String) -> io::Error {
+        self.splicer.stats.splice_integrity_error();
+        tracing::error!(
+            cookie = self.src_cookie,
+            "spliced stream integrity check failed, resetting the flow: {detail}"
+        );
+        io::Error::new(io::ErrorKind::InvalidData, detail)
+    }
+
     /// Resolves once every byte redirected from `src` has entered `dst`'s TCP stream (so a write
     /// by the agent, or a FIN, cannot overtake it).
     async fn wait_redirects_in_tcp(&self) -> io::Result<()> {
         let mut delay = Duration::from_micros(50);
         loop {
             let side = self.splicer.side(self.src_cookie);
-            let in_tcp = tcp_stream_bytes(self.dst)?;
+            let in_tcp = self.dst_stream_bytes()?;
             if in_tcp >= side.redirected_bytes + self.agent_written {
                 return Ok(());
             }
@@ -590,6 +677,7 @@ impl<'a> Direction<'a> {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         self.wait_redirects_in_tcp().await?;
+        self.check_complete()?;
         match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -604,6 +692,31 @@ fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
 
 fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
     sockopt::set_int(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, value)
+}
+
+/// Data bytes a socket's TCP has received (not counting SYN/FIN).
+fn tcp_bytes_received(stream: &TcpStream) -> io::Result<u64> {
+    let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.tcpi_bytes_received)
+}
+
+/// Fixes the receive buffer (CAP_NET_ADMIN: not capped by `net.core.rmem_max`).
+fn set_rcvbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+}
+
+/// The kernel's smallest window clamp (it raises smaller values to this).
+const MIN_WINDOW_CLAMP: libc::c_int = 4096;
+
+/// `net.ipv4.tcp_rmem[2]`, the largest receive buffer autotuning grows to (6 MiB by default).
+fn autotune_ceiling() -> libc::c_int {
+    static CEILING: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
+    *CEILING.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(6 * 1024 * 1024)
+    })
 }
 
 fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
@@ -636,8 +749,9 @@ fn drain_queued(stream: &TcpStream, out: &mut Vec<u8>) -> Result<(), SpliceRefus
 /// `TCP_CLOSE` from the kernel's tcp_states.h (not exported by libc).
 const TCP_CLOSE: u8 = 7;
 
-/// Bytes that entered a socket's TCP send stream: acknowledged plus still queued (SIOCOUTQ). The
-/// redirect queue sits in front of it, outside TCP's accounting.
+/// Sequence space that entered a socket's TCP send stream: acknowledged plus still queued
+/// (SIOCOUTQ). The redirect queue sits in front of it, outside TCP's accounting. On a socket that
+/// sent the SYN this includes it (one byte); callers subtract it.
 fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     if info.tcpi_state == TCP_CLOSE {
