@@ -211,3 +211,90 @@ fn run_rejects_xds_file_with_routes() {
         "{err}"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real ClientHello (rustls) for `sni`.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Kills the agent when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn run_xds_file_answers_unknown_sni_with_the_direct_response() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let zi = dir.path().join("zi.yaml");
+    std::fs::write(
+        &zi,
+        format!(
+            "type: ZoneIngress\nname: t\nnetworking:\n  address: 127.0.0.1\n  port: {port}\n  admin:\n    port: {admin}\n"
+        ),
+    )
+    .unwrap();
+    let fixture = fixture("02.envoy.golden.yaml");
+    let _agent = Child(
+        Command::new(env!("CARGO_BIN_EXE_zone-ingress"))
+            .args(["run", "--datapath", "userspace", "--config"])
+            .arg(&zi)
+            .arg("--xds-file")
+            .arg(&fixture)
+            .arg("--pin-dir")
+            .arg(dir.path().join("pins"))
+            .env_remove("ZONE_INGRESS_ROUTES")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the agent"),
+    );
+    let start = Instant::now();
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(15) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the agent did not listen on 127.0.0.1:{port}: {e}"),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&client_hello("unknown.example")).unwrap();
+    let mut got = Vec::new();
+    stream
+        .read_to_end(&mut got)
+        .expect("the agent closes after its answer");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        r#"{"proxy":"default.ingress","zone":"zone-main"}"#
+    );
+}
