@@ -45,7 +45,7 @@ pub enum LoadError {
     Invalid {
         path: std::path::PathBuf,
         #[source]
-        source: XdsError,
+        source: Box<XdsError>,
     },
 }
 
@@ -57,7 +57,7 @@ pub fn load_file(path: &Path) -> Result<Resources, LoadError> {
     })?;
     resources_from_str(&text).map_err(|source| LoadError::Invalid {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })
 }
 

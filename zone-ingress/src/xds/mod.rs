@@ -290,11 +290,11 @@ fn check_sni(listener: &str, chain: usize, sni: &str) -> Result<(), XdsError> {
     })
 }
 
-fn unique_by_name<'a, T>(
-    items: &'a [T],
+fn unique_by_name<T>(
+    items: &[T],
     name: impl Fn(&T) -> &String,
     dup: impl Fn(String, usize) -> XdsError,
-) -> Result<HashMap<&'a str, &'a T>, XdsError> {
+) -> Result<HashMap<&str, &T>, XdsError> {
     let mut map = HashMap::with_capacity(items.len());
     for item in items {
         if map.insert(name(item).as_str(), item).is_some() {
