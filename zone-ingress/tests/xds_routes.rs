@@ -36,6 +36,17 @@ fn routes_json(name: &str) -> Value {
 }
 
 #[test]
+fn json_keys_are_in_the_documented_order() {
+    let path = fixture("01.envoy.golden.yaml");
+    let out = zone_ingress(&["routes", "--xds", path.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"listener\":\"10.0.0.1:10001\",\"direct_response\":null,\"routes\":[{\"sni\":\"backend{mesh=mesh1}\",\
+         \"cluster\":\"mesh1:backend\",\"endpoints\":[\"192.168.0.1:2521\",\"192.168.0.2:2521\"]}]}\n"
+    );
+}
+
+#[test]
 fn fixture_01_one_sni_whole_cluster() {
     assert_eq!(
         routes_json("01.envoy.golden.yaml"),

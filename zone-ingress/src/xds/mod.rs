@@ -70,21 +70,40 @@ pub struct XdsRoutes {
 }
 
 impl XdsRoutes {
-    /// The `routes --xds --json` document: `{"listener", "direct_response", "routes": [{"sni",
-    /// "cluster", "endpoints"}]}`, direct_response decoded as UTF-8 (lossily) or null.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "listener": self.listener.to_string(),
-            "direct_response": self
+    /// The `routes --xds --json` document, keys in this order: `{"listener", "direct_response",
+    /// "routes": [{"sni", "cluster", "endpoints"}]}`; direct_response decoded as UTF-8
+    /// (lossily) or null.
+    pub fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            listener: String,
+            direct_response: Option<String>,
+            routes: Vec<Row<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            sni: &'a str,
+            cluster: &'a str,
+            endpoints: Vec<String>,
+        }
+        let doc = Doc {
+            listener: self.listener.to_string(),
+            direct_response: self
                 .direct_response
                 .as_ref()
                 .map(|b| String::from_utf8_lossy(b).into_owned()),
-            "routes": self.routes.iter().map(|r| serde_json::json!({
-                "sni": r.sni,
-                "cluster": r.cluster,
-                "endpoints": r.endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })
+            routes: self
+                .routes
+                .iter()
+                .map(|r| Row {
+                    sni: &r.sni,
+                    cluster: &r.cluster,
+                    endpoints: r.endpoints.iter().map(|e| e.address.to_string()).collect(),
+                })
+                .collect(),
+        };
+        // Strings, options and lists of them: serialising cannot fail.
+        serde_json::to_string(&doc).unwrap_or_default()
     }
 
     /// The routing snapshot the listener uses. The listener's round robin ignores weights
