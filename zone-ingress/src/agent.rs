@@ -17,7 +17,7 @@ use crate::datapath::DatapathMode;
 use crate::datapath::sockmap::Splicer;
 use crate::listener::{self, ActiveFlows, Ingress};
 use crate::reload;
-use crate::routes::RouteStore;
+use crate::routes::{RouteStore, RouteTable};
 use crate::stats::Stats;
 use crate::tls::HelloLimits;
 
@@ -26,6 +26,9 @@ use crate::tls::HelloLimits;
 pub struct RunOptions {
     pub config: Option<PathBuf>,
     pub routes: Option<PathBuf>,
+    /// A file of xDS resources (Kuma's Listener/Cluster/ClusterLoadAssignment) used as a static
+    /// route source instead of `routes`.
+    pub xds_file: Option<PathBuf>,
     pub datapath: DatapathMode,
     pub client_hello_timeout: Duration,
     pub connect_timeout: Duration,
@@ -37,13 +40,7 @@ pub struct RunOptions {
 
 /// The ZoneIngress resource and the route file, from flags or the embedded defaults.
 pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String)> {
-    let zi = match &opts.config {
-        Some(path) => ZoneIngress::load(path)?,
-        None => ZoneIngress::from_yaml_str(
-            DEFAULT_ZONE_INGRESS_YAML,
-            "embedded default config/zone-ingress.yaml",
-        )?,
-    };
+    let zi = load_zone_ingress(opts)?;
     let (routes, origin) = match (&opts.routes, &opts.config) {
         (Some(path), _) => (RoutesFile::load(path)?, path.display().to_string()),
         (None, None) => (
@@ -51,25 +48,50 @@ pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String
             "embedded default config/routes.yaml".to_string(),
         ),
         (None, Some(_)) => bail!(
-            "no source of routes: pass --routes FILE (a standalone route table). The embedded default \
-             routes are only used when neither --config nor --routes is given"
+            "no source of routes: pass --routes FILE (a standalone route table) or --xds-file FILE \
+             (xDS resources). The embedded default routes are only used when neither --config nor \
+             --routes is given"
         ),
     };
     Ok((zi, routes, origin))
 }
 
+/// The ZoneIngress resource from `--config`, or the embedded default.
+fn load_zone_ingress(opts: &RunOptions) -> Result<ZoneIngress> {
+    Ok(match &opts.config {
+        Some(path) => ZoneIngress::load(path)?,
+        None => ZoneIngress::from_yaml_str(
+            DEFAULT_ZONE_INGRESS_YAML,
+            "embedded default config/zone-ingress.yaml",
+        )?,
+    })
+}
+
+/// The ZoneIngress and the first route table, from `--xds-file` or the routes file.
+fn load_routes(opts: &RunOptions) -> Result<(ZoneIngress, RouteTable)> {
+    let Some(path) = &opts.xds_file else {
+        let (zi, file, origin) = load_config(opts)?;
+        return Ok((zi, reload::table_from_file(&file, &origin)));
+    };
+    let zi = load_zone_ingress(opts)?;
+    let routes = crate::xds::route_table(&crate::xds::load_file(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if routes.listener != zi.listen_addr() {
+        tracing::info!(xds_listener = %routes.listener, listen = %zi.listen_addr(),
+            "the xDS listener address differs from the ZoneIngress networking.address/port; listening on the latter");
+    }
+    Ok((zi, routes.to_route_table(path.display().to_string())))
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let (zi, routes_file, routes_origin) = load_config(&opts)?;
+    let (zi, table) = load_routes(&opts)?;
     if opts.config.is_none() {
         tracing::info!(
             "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
         );
     }
     let stats = Arc::new(Stats::new());
-    let routes = Arc::new(RouteStore::new(reload::table_from_file(
-        &routes_file,
-        &routes_origin,
-    )));
+    let routes = Arc::new(RouteStore::new(table));
     let readiness = Arc::new(Readiness::default());
 
     let splicer = load_datapath(&opts)?.map(|p| Splicer::new(p, opts.splice_budget, stats.clone()));
@@ -92,6 +114,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             routes.clone(),
             stats.clone(),
         ));
+    }
+    if let Some(path) = opts.xds_file.clone() {
+        tokio::spawn(reload::watch_xds_file(path, routes.clone(), stats.clone()));
     }
 
     let flows = Arc::new(ActiveFlows::default());

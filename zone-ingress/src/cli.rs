@@ -1,4 +1,4 @@
-//! Command line: `zone-ingress run` and `zone-ingress check`.
+//! Command line: `zone-ingress run`, `zone-ingress check` and `zone-ingress routes`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,8 @@ enum Command {
     Run(RunArgs),
     /// Validate configuration files and exit (0 when valid, 1 with the problems otherwise).
     Check(CheckArgs),
+    /// Show the route table a file of xDS resources resolves to (SNI → cluster → endpoints).
+    Routes(RoutesArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -50,6 +52,16 @@ struct RunArgs {
     /// Standalone route table (YAML: `routes: [{sni, endpoints}]`), reloaded on SIGHUP and on change.
     #[arg(long, value_name = "FILE", env = "ZONE_INGRESS_ROUTES")]
     routes: Option<PathBuf>,
+    /// xDS resources (Listener, Cluster, ClusterLoadAssignment in Envoy's proto3 JSON mapping, as
+    /// JSON or YAML, e.g. Kuma's *.envoy.golden.yaml) as a static route source, reloaded on SIGHUP
+    /// and on change. The listen address still comes from --config.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "routes",
+        env = "ZONE_INGRESS_XDS_FILE"
+    )]
+    xds_file: Option<PathBuf>,
     /// How flows move bytes: `auto` splices in the kernel where it can, `sockmap` requires it,
     /// `userspace` never loads BPF.
     #[arg(long, value_enum, default_value_t = DatapathMode::Auto, env = "ZONE_INGRESS_DATAPATH")]
@@ -80,6 +92,16 @@ struct CheckArgs {
     /// A standalone route table to validate.
     #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RoutesArgs {
+    /// The xDS resources to resolve (proto3 JSON mapping, as JSON or YAML: `resources: [...]`).
+    #[arg(long, value_name = "FILE")]
+    xds: PathBuf,
+    /// Print `{"listener", "direct_response", "routes": [{"sni", "cluster", "endpoints"}]}`.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -116,6 +138,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => check(args),
         Command::Run(args) => run(args),
+        Command::Routes(args) => routes(args),
     }
 }
 
@@ -166,6 +189,7 @@ fn run(args: RunArgs) -> ExitCode {
     let opts = RunOptions {
         config: args.config,
         routes: args.routes,
+        xds_file: args.xds_file,
         datapath: args.datapath,
         client_hello_timeout: args.client_hello_timeout,
         connect_timeout: args.connect_timeout,
@@ -190,4 +214,79 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn routes(args: RoutesArgs) -> ExitCode {
+    let resolved = crate::xds::load_file(&args.xds)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            crate::xds::route_table(&r).map_err(|e| format!("{}: {e}", args.xds.display()))
+        });
+    let routes = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!("{}", routes.to_json());
+    } else {
+        print!("{}", routes_table_text(&routes));
+    }
+    ExitCode::SUCCESS
+}
+
+/// The human form of `zone-ingress routes`: a header, then one aligned row per SNI.
+fn routes_table_text(r: &crate::xds::XdsRoutes) -> String {
+    let mut out = format!("listener {} ({})\n", r.listener, r.listener_name);
+    match &r.direct_response {
+        Some(b) => out.push_str(&format!(
+            "unknown SNI: answered with {:?}, then closed\n",
+            String::from_utf8_lossy(b)
+        )),
+        None => out.push_str("unknown SNI: closed without a byte\n"),
+    }
+    let rows: Vec<[String; 3]> = r
+        .routes
+        .iter()
+        .map(|route| {
+            let eps = if route.endpoints.is_empty() {
+                "(none: connections are reset)".to_owned()
+            } else {
+                route
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            [route.sni.clone(), route.cluster.clone(), eps]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no routes\n");
+        return out;
+    }
+    let header = [
+        "SNI".to_owned(),
+        "CLUSTER".to_owned(),
+        "ENDPOINTS".to_owned(),
+    ];
+    let w0 = rows
+        .iter()
+        .chain([&header])
+        .map(|r| r[0].chars().count())
+        .max()
+        .unwrap_or(0);
+    let w1 = rows
+        .iter()
+        .chain([&header])
+        .map(|r| r[1].chars().count())
+        .max()
+        .unwrap_or(0);
+    for row in std::iter::once(&header).chain(&rows) {
+        out.push_str(&format!("{:<w0$}  {:<w1$}  {}\n", row[0], row[1], row[2]));
+    }
+    out
 }

@@ -18,3 +18,4 @@ pub mod routes;
 pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod xds;

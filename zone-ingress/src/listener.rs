@@ -3,7 +3,9 @@
 //! Per connection: read (never peek) the whole ClientHello under a deadline, look the SNI up in the
 //! current route table, connect to an endpoint (failover on error), then hand the pair and the
 //! consumed bytes to the datapath. A connection that cannot be routed is closed without a byte
-//! sent (Envoy's behaviour when no filter chain matches); one whose endpoints are all down is reset.
+//! sent (Envoy's behaviour when no filter chain matches), except that an unknown SNI gets the
+//! table's direct response first when it has one (Kuma's zero-cluster catch-all chain); one whose
+//! endpoints are all down is reset.
 
 use std::io;
 use std::net::SocketAddr;
@@ -142,6 +144,10 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     let Some(route) = table.lookup(&hello.sni) else {
         ingress.stats.rejected(RejectReason::UnknownSni);
         tracing::debug!(%peer, sni = %String::from_utf8_lossy(&hello.sni), "closing connection: no route for SNI");
+        if let Some(bytes) = table.direct_response().cloned() {
+            drop(table);
+            send_direct_response(&mut down, &bytes, ingress.hello_limits.timeout).await;
+        }
         return;
     };
     drop(table);
@@ -169,6 +175,22 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         end = if summary.end == FlowEnd::Closed { "closed" } else { "reset" },
         "flow finished"
     );
+}
+
+/// The catch-all direct_response (Kuma's zero-cluster answer): the bytes, then a clean close.
+/// Bounded by `timeout` so a client that never reads cannot hold the task.
+async fn send_direct_response(down: &mut TcpStream, bytes: &[u8], timeout: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let write = async {
+        down.write_all(bytes).await?;
+        down.shutdown().await
+    };
+    if let Err(e) = tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    {
+        tracing::debug!(error = %e, "direct response not delivered");
+    }
 }
 
 /// Splices the flow in the kernel when possible, else copies it; decided per flow.

@@ -1,4 +1,4 @@
-//! Reloading the standalone routes file on SIGHUP and when its content changes.
+//! Reloading a route file (standalone routes or xDS resources) on SIGHUP and when its content changes.
 //!
 //! The file is polled (content compared once a second) rather than watched with inotify: a
 //! Kubernetes ConfigMap is updated by swapping a symlink, which an inotify watch on the file
@@ -28,8 +28,34 @@ pub fn table_from_file(file: &RoutesFile, source: &str) -> RouteTable {
     )
 }
 
-/// Watches `path` forever, replacing the table in `store` on every valid change.
+/// Parses a routes file's text into a table; the error is logged whole on a rejected reload.
+type Parser = fn(&str, &str) -> Result<RouteTable, String>;
+
+/// Watches the standalone routes file (`--routes`) forever.
 pub async fn watch_routes_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>) {
+    watch_file(path, store, stats, |text, origin| {
+        RoutesFile::from_yaml_str(text, origin)
+            .map(|file| table_from_file(&file, origin))
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Builds a route table from the text of a file of xDS resources (`--xds-file`).
+pub fn table_from_xds(text: &str, origin: &str) -> Result<RouteTable, String> {
+    crate::xds::resources_from_str(text)
+        .and_then(|r| crate::xds::route_table(&r))
+        .map(|routes| routes.to_route_table(origin))
+        .map_err(|e| format!("{origin}: {e}"))
+}
+
+/// Watches a file of xDS resources (`--xds-file`) forever.
+pub async fn watch_xds_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>) {
+    watch_file(path, store, stats, table_from_xds).await
+}
+
+/// Watches `path` forever, replacing the table in `store` on every valid change.
+async fn watch_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>, parse: Parser) {
     let mut last = std::fs::read(&path).ok();
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -60,9 +86,8 @@ pub async fn watch_routes_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc
         last = Some(content.clone());
         let origin = path.display().to_string();
         let text = String::from_utf8_lossy(&content);
-        match RoutesFile::from_yaml_str(&text, &origin) {
-            Ok(file) => {
-                let table = table_from_file(&file, &origin);
+        match parse(&text, &origin) {
+            Ok(table) => {
                 tracing::info!(path = %origin, routes = table.len(), trigger = if forced { "SIGHUP" } else { "file change" }, "route table reloaded");
                 store.replace(table);
                 stats.route_update(true);

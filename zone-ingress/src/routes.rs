@@ -53,6 +53,9 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_sni: HashMap<Box<[u8]>, Arc<Route>>,
+    /// Bytes sent to a connection whose SNI has no route, before closing it (Kuma's zero-cluster
+    /// direct_response). `None`: such a connection is closed without a byte, as Envoy does.
+    direct_response: Option<Arc<[u8]>>,
     /// Where this table came from (a file path, "embedded default", an xDS version), for logs.
     pub source: String,
 }
@@ -65,8 +68,20 @@ impl RouteTable {
             .collect();
         Self {
             by_sni,
+            direct_response: None,
             source: source.into(),
         }
+    }
+
+    /// The same table, answering unknown SNIs with `bytes` (then closing) when given.
+    pub fn with_direct_response(mut self, bytes: Option<Arc<[u8]>>) -> Self {
+        self.direct_response = bytes;
+        self
+    }
+
+    /// What to send a connection whose SNI matches no route, if anything.
+    pub fn direct_response(&self) -> Option<&Arc<[u8]>> {
+        self.direct_response.as_ref()
     }
 
     /// Exact, byte-for-byte SNI match (Kuma's SNIs are not DNS names: no case folding).
