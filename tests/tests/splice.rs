@@ -214,7 +214,7 @@ async fn paced_sink(
 /// One `/proc/meminfo` reading, in bytes.
 #[derive(Clone, Copy, Debug)]
 struct MemSample {
-    /// `MemTotal - MemAvailable`: what the brief of this test measures.
+    /// `MemTotal - MemAvailable`: memory the host cannot hand out any more.
     host_used: u64,
     /// `host_used - AnonPages - Shmem`: the same without user-space memory (heaps and tmpfs of every
     /// process). Skbs parked in the kernel are neither, so they count in full; a compiler or test binary
@@ -246,6 +246,16 @@ struct Peaks {
     /// Largest (redirected towards the backend - TCP bytes the backend read).
     backlog: u64,
     samples: u32,
+}
+
+impl Peaks {
+    /// The memory growth the assertions use: the smaller of the two measures. What the splice parks in the
+    /// kernel shows in both; noise from other processes on this shared host often shows in only one
+    /// (a heap that grows moves `host_growth`; socket buffers of another suite's bulk transfer, or a
+    /// baseline taken while another process held more anonymous memory, move `kernel_growth`).
+    fn memory_growth(&self) -> u64 {
+        self.host_growth.min(self.kernel_growth)
+    }
 }
 
 /// Samples memory and the flow's backlog every 50 ms on its own thread until `stop` is set.
@@ -398,6 +408,11 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
     run
 }
 
+/// Fails on the agent of 5876c8a (veth between namespaces, tcp_rmem max 32 MiB, kernel 6.18): the
+/// redirect backlog reached 54-417 MiB with the 4 MiB budget, and in some runs the sender finished in 2-4 s.
+/// Seen with `ss`: after the agent's last TCP_WINDOW_CLAMP the client-facing socket's receive buffer and
+/// rcv_ssthresh grew back (1.7 -> 21 MB, 1152 -> 19.4 MB) while the agent still counted the socket as
+/// clamped: receive autotuning rewrites the window clamp. `ZI_SPLICE_TRACE=1` prints every sample.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_is_bounded() {
     let _serial = SERIAL.lock().await;
@@ -409,14 +424,12 @@ async fn slow_receiver_is_bounded() {
         let unbounded = slow_receiver_run("64GiB").await;
         // Every check is collected first, so one failure message shows the whole picture.
         let mut failed = Vec::new();
-        // Memory is asserted on `kernel_growth` (the host's MemTotal - MemAvailable less user-space
-        // anonymous and tmpfs memory, see MemSample): a compiler or another test binary on this host moves
-        // MemAvailable by more than the bound. Socket buffers of bulk transfers run by other suites at the
-        // same time still count; the backlog check below is the one immune to them.
-        if bounded.peaks.kernel_growth >= MEMORY_BOUND {
+        // Host memory is noisy when other suites run on this machine (see Peaks::memory_growth); the
+        // backlog check below is immune to them.
+        if bounded.peaks.memory_growth() >= MEMORY_BOUND {
             failed.push(format!(
-                "with a 4 MiB budget, kernel memory grew by {} MiB during the transfer (bound {} MiB)",
-                bounded.peaks.kernel_growth / MIB,
+                "with a 4 MiB budget, host memory grew by {} MiB during the transfer (bound {} MiB)",
+                bounded.peaks.memory_growth() / MIB,
                 MEMORY_BOUND / MIB
             ));
         }
@@ -438,7 +451,7 @@ async fn slow_receiver_is_bounded() {
         }
         // Without a usable budget the opposite must show, or the numbers above do not prove that the flow
         // control made the difference.
-        if unbounded.peaks.kernel_growth < MEMORY_BOUND && unbounded.send_secs >= 0.5 * paced_secs {
+        if unbounded.peaks.memory_growth() < MEMORY_BOUND && unbounded.send_secs >= 0.5 * paced_secs {
             failed.push(format!(
                 "with --splice-budget 64GiB the kernel should park the stream (memory growth over {} MiB) or let \
                  the sender finish far sooner than {paced_secs:.1} s; neither happened",
