@@ -129,7 +129,8 @@ const BUDGET: u64 = 4 * MIB;
 const MEMORY_BOUND: u64 = BUDGET + 64 * MIB;
 /// Allowed bytes between what the verdict redirected towards the backend and what the backend's TCP
 /// socket handed to its reader: the redirect queue (the budget, plus what arrives during the agent's
-/// 1 ms reaction) and the TCP buffers on the way (upstream send buffer, backend receive buffer).
+/// 1 ms reaction) and the TCP buffers on the way (the upstream send buffer, up to tcp_wmem's 4 MiB; the
+/// backend's receive buffer, which autotuning keeps small for a reader at a steady pace: under 1 MB seen).
 const BACKLOG_BOUND: u64 = BUDGET + 28 * MIB;
 
 /// An `AsyncRead + AsyncWrite` that counts the bytes read through it (TLS records, before decryption).
@@ -312,6 +313,15 @@ fn spawn_sampler(
     })
 }
 
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The outcome of one slow-receiver run.
 #[derive(Debug)]
 struct SlowRun {
@@ -354,6 +364,8 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
         base.kernel_used = base.kernel_used.min(m.kernel_used);
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the sampler however this function ends (a failed expect included).
+    let _stop_sampler = StopOnDrop(stop.clone());
     let sampler = spawn_sampler(base, agent.pin_dir(), raw_read.clone(), stop.clone());
     let start = Instant::now();
     let sent_sha = tls::send_prng(&mut s, SLOW_BYTES, 21)
