@@ -422,7 +422,7 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
 
 /// Fails on the agent of 5876c8a whenever this 2-core host is busy (veth between namespaces, tcp_rmem max
 /// 32 MiB, kernel 6.18): next to another test suite and a benchmark, the backlog reached 54-425 MiB with the
-/// 4 MiB budget in 8 of 8 complete runs, and the sender finished in 2-4 s in three of them; on a quiet host
+/// 4 MiB budget in 9 of 9 complete runs, and the sender finished in 2-4 s in three of them; on a quiet host
 /// 2 of 2 runs passed (13 and 27 MiB, sender 10.6 s).
 /// Seen with `ss`: after the agent's last TCP_WINDOW_CLAMP the client-facing socket's receive buffer and
 /// rcv_ssthresh grew back (1.7 -> 21 MB, 1152 -> 19.4 MB) while the agent still counted the socket as
