@@ -16,8 +16,10 @@ pub mod map_names {
     pub const SOCKS: &str = "ZI_SOCKS";
     /// Socket cookie -> [`super::FlowSide`] (peer cookie and counters), written by the verdict.
     pub const FLOWS: &str = "ZI_FLOWS";
-    /// Socket cookie -> [`super::FlowCtrl`] (budget and consumed bytes), written by the agent.
+    /// Socket cookie -> [`super::FlowCtrl`] (armed, redirect limit), written by the agent.
     pub const CTRL: &str = "ZI_CTRL";
+    /// Ring buffer of socket cookies whose redirected bytes passed their limit.
+    pub const EVENTS: &str = "ZI_EVENTS";
     /// Per-CPU program counters, indexed by [`super::ProgCounter`].
     pub const COUNTERS: &str = "ZI_COUNTERS";
 }
@@ -31,8 +33,8 @@ pub mod prog_names {
 pub const MAX_SOCKETS: u32 = 131_072;
 
 /// One side of a spliced flow, keyed by the socket cookie of the socket whose *incoming* bytes
-/// the verdict program redirects. The agent creates it (peer, `paused = 1`) and deletes it when the
-/// flow ends; in between only the verdict program writes it.
+/// the verdict program redirects. The agent creates it and deletes it when the flow ends; in
+/// between only the verdict program writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSide {
@@ -42,29 +44,33 @@ pub struct FlowSide {
     pub redirected_bytes: u64,
     /// Segments (skbs) redirected.
     pub redirected_skbs: u64,
-    /// Bytes passed to the socket's own queue for the agent while the flow was paused.
+    /// Bytes passed to the socket's own queue for the agent (only before the flow is armed).
     pub passed_bytes: u64,
-    /// Times the flow paused (went over its budget).
-    pub pauses: u64,
+    /// Times the redirected bytes passed the agent's limit (one event each).
+    pub limit_events: u64,
     /// Zero-length skbs (FIN) dropped by the verdict program; non-zero once the FIN was processed,
     /// i.e. after every byte before it went through the verdict.
     pub dropped_empty: u64,
-    /// 1 while paused: every skb is passed to the agent until it has consumed all passed bytes.
-    pub paused: u64,
+    /// The limit the last event was sent for, so one limit produces one event.
+    pub notified_limit: u64,
 }
 
-/// The agent's side of the flow control for one socket. Only the agent writes it.
+/// The agent's side of one socket's flow control. Only the agent writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCtrl {
-    /// The verdict may redirect while `redirected_bytes + len <= redirect_limit`; past it the flow
-    /// pauses. The agent sets it to (bytes the peer's TCP has taken) + budget, so at most `budget`
-    /// bytes wait in the kernel's redirect queue, outside TCP's own memory limits.
+    /// 0 until the agent armed the flow: the verdict passes every byte to the socket's own queue
+    /// (where the userspace copy reads it). 1: redirect.
+    pub armed: u64,
+    /// When `redirected_bytes` passes this, the verdict sends the cookie on `ZI_EVENTS` (and keeps
+    /// redirecting: bytes are never held back in the program). The agent sets it to (bytes the
+    /// peer's TCP stream took) + budget, so an event means the redirect queue may hold more than
+    /// the budget; the agent then slows the sender by clamping this socket's receive window.
     pub redirect_limit: u64,
-    /// Passed bytes the agent has read and written to the peer. A paused flow resumes only when it
-    /// equals `passed_bytes`, so a redirected skb never overtakes bytes still waiting for the agent.
-    pub consumed_bytes: u64,
 }
+
+/// Size of the `ZI_EVENTS` ring buffer.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Indices into the per-CPU counters array.
 #[repr(u32)]
@@ -78,12 +84,12 @@ pub enum ProgCounter {
     DroppedEmpty = 2,
     /// `bpf_sk_redirect_hash` failed (peer not in the SockHash).
     RedirectFailed = 3,
-    /// skbs passed to the agent because the flow was paused.
+    /// skbs passed to the socket's own queue because the flow was not armed.
     Passed = 4,
-    /// Times a flow paused.
-    Paused = 5,
-    /// Times a paused flow resumed redirecting.
-    Resumed = 6,
+    /// Limit events sent to the agent.
+    LimitEvents = 5,
+    /// Limit events lost because the ring buffer was full.
+    EventsLost = 6,
 }
 
 /// Number of [`ProgCounter`] slots.

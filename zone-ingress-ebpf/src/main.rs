@@ -11,10 +11,12 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use zone_ingress_common::{FlowCtrl, FlowSide, MAX_SOCKETS, PROG_COUNTERS, ProgCounter};
+use zone_ingress_common::{
+    EVENTS_BYTES, FlowCtrl, FlowSide, MAX_SOCKETS, PROG_COUNTERS, ProgCounter,
+};
 
 /// Spliced sockets, keyed by socket cookie.
 #[map(name = "ZI_SOCKS")]
@@ -27,6 +29,10 @@ static ZI_FLOWS: HashMap<u64, FlowSide> = HashMap::with_max_entries(MAX_SOCKETS,
 /// Socket cookie -> the agent's flow control (budget, consumed bytes). Agent-written.
 #[map(name = "ZI_CTRL")]
 static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Cookies of sockets whose redirected bytes passed their limit; the agent then watches the flow.
+#[map(name = "ZI_EVENTS")]
+static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Program counters, per CPU (summed by the agent).
 #[map(name = "ZI_COUNTERS")]
@@ -60,34 +66,29 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         count(ProgCounter::DroppedEmpty);
         return SK_DROP;
     }
-    // No control entry means the agent has not armed the flow: pass everything to it.
-    let (limit, consumed) = match ZI_CTRL.get_ptr(cookie) {
-        Some(ctrl) => unsafe { ((*ctrl).redirect_limit, (*ctrl).consumed_bytes) },
+    // Not armed (no control entry, or armed = 0): pass everything to the socket's own queue, where
+    // the agent's userspace copy reads it. An armed flow never passes: bytes left on a spliced
+    // socket are not reliably accounted by the kernel (copied_seq), so every byte is redirected.
+    let (armed, limit) = match ZI_CTRL.get_ptr(cookie) {
+        Some(ctrl) => unsafe { ((*ctrl).armed, (*ctrl).redirect_limit) },
         None => (0, 0),
     };
-    let redirected = unsafe { (*side).redirected_bytes };
-    let within_budget = redirected + len <= limit;
+    if armed == 0 {
+        unsafe { (*side).passed_bytes += len };
+        count(ProgCounter::Passed);
+        return SK_PASS;
+    }
     unsafe {
-        if (*side).paused != 0 {
-            // Resume only once the agent has forwarded every byte passed to it: anything redirected
-            // earlier would overtake them.
-            if !(within_budget && (*side).passed_bytes == consumed) {
-                (*side).passed_bytes += len;
-                count(ProgCounter::Passed);
-                return SK_PASS;
+        if (*side).redirected_bytes + len > limit && (*side).notified_limit != limit {
+            // Past the limit: the peer's redirect queue may hold more than the budget. Tell the
+            // agent once per limit; it slows the sender through TCP and raises the limit.
+            (*side).notified_limit = limit;
+            (*side).limit_events += 1;
+            if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
+                count(ProgCounter::LimitEvents);
+            } else {
+                count(ProgCounter::EventsLost);
             }
-            (*side).paused = 0;
-            count(ProgCounter::Resumed);
-        } else if !within_budget {
-            // Over budget: the peer's redirect queue holds enough. Keep this skb on our own socket,
-            // where it counts against our receive buffer, so TCP closes the window and the sender
-            // slows down.
-            (*side).paused = 1;
-            (*side).pauses += 1;
-            (*side).passed_bytes += len;
-            count(ProgCounter::Paused);
-            count(ProgCounter::Passed);
-            return SK_PASS;
         }
     }
     let mut peer = unsafe { (*side).peer_cookie };

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     pub drain_time: Duration,
     pub pin_dir: PathBuf,
+    /// Bytes one direction of a spliced flow may park in the kernel before its sender is slowed.
+    pub splice_budget: u64,
 }
 
 /// The ZoneIngress resource and the route file, from flags or the embedded defaults.
@@ -70,7 +72,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     )));
     let readiness = Arc::new(Readiness::default());
 
-    let splicer = load_datapath(&opts)?.map(|p| Arc::new(Splicer::new(p)));
+    let splicer = load_datapath(&opts)?.map(|p| Splicer::new(p, opts.splice_budget));
 
     let listen = zi.listen_addr();
     let listener = listener::bind(listen).with_context(|| {

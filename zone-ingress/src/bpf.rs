@@ -8,7 +8,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use zone_ingress_common::{FlowCtrl, FlowSide, map_names, prog_names};
@@ -60,6 +60,8 @@ pub struct BpfPrograms {
     pub flows: HashMap<MapData, u64, FlowSide>,
     /// Socket cookie -> flow control (agent-written).
     pub ctrl: HashMap<MapData, u64, FlowCtrl>,
+    /// Limit events from the verdict program.
+    pub events: RingBuf<MapData>,
 }
 
 impl std::fmt::Debug for BpfPrograms {
@@ -109,6 +111,7 @@ impl BpfPrograms {
             take_map(&mut ebpf, map_names::SOCKS, SockHash::try_from)?;
         let flows = take_map(&mut ebpf, map_names::FLOWS, HashMap::try_from)?;
         let ctrl = take_map(&mut ebpf, map_names::CTRL, HashMap::try_from)?;
+        let events = take_map(&mut ebpf, map_names::EVENTS, RingBuf::try_from)?;
 
         let program = |source| BpfError::Program {
             name: prog_names::SK_SKB_VERDICT,
@@ -132,6 +135,7 @@ impl BpfPrograms {
             socks,
             flows,
             ctrl,
+            events,
         })
     }
 }

@@ -63,6 +63,10 @@ struct RunArgs {
     /// On SIGTERM/SIGINT, how long live flows may take to finish before the agent exits.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "KUMA_DATAPLANE_DRAIN_TIME")]
     drain_time: Duration,
+    /// Bytes one direction of a spliced flow may park in the kernel's redirect queue before the
+    /// sender is slowed through TCP (e.g. `4MiB`, `512KiB`).
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
+    splice_budget: u64,
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -82,6 +86,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5s, 500ms, 1m)"))
 }
 
+/// `4MiB`, `512KiB`, `1GiB`, `65536` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 4MiB, 512KiB, 65536)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v >= 64 * 1024)
+        .ok_or_else(|| format!("`{s}` must be at least 64KiB"))
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -94,8 +122,12 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, and never with NO_COLOR (no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Plain => builder.init(),
@@ -139,6 +171,7 @@ fn run(args: RunArgs) -> ExitCode {
         connect_timeout: args.connect_timeout,
         drain_time: args.drain_time,
         pin_dir: args.pin_dir,
+        splice_budget: args.splice_budget,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

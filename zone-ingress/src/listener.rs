@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::datapath::sockmap::{Fallback, Splicer};
+use crate::datapath::sockmap::{Refusal, Splicer};
 use crate::datapath::{self, FlowEnd, FlowSummary};
 use crate::routes::RouteStore;
 use crate::stats::{DatapathKind, RejectReason, Stats};
@@ -185,7 +185,7 @@ async fn move_bytes(
                 ingress.stats.flow_started(DatapathKind::Sockmap);
                 return (DatapathKind::Sockmap, splicer.run(flow).await);
             }
-            Err(Fallback {
+            Err(Refusal::Fallback {
                 down,
                 up,
                 reason,
@@ -195,6 +195,18 @@ async fn move_bytes(
                 ingress.stats.splice_fallback(reason.label());
                 tracing::debug!(%reason, "kernel splice refused; copying this flow in userspace");
                 (down, up, to_up, to_down)
+            }
+            Err(Refusal::Abort { reason }) => {
+                ingress.stats.splice_fallback(reason.label());
+                tracing::warn!(%reason, "kernel splice failed half way; both sides were reset");
+                let summary = FlowSummary {
+                    end: FlowEnd::Reset,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    copied: 0,
+                    duration: std::time::Duration::ZERO,
+                };
+                return (DatapathKind::Sockmap, summary);
             }
         },
     };

@@ -1,45 +1,51 @@
 //! The kernel splice: after routing, both sockets go into the SockHash and the `sk_skb` verdict
 //! program redirects each one's incoming bytes to the other's egress. The agent only watches.
 //!
-//! The handoff and the flow control follow DESIGN.md section 3:
-//! - both sockets are inserted while their control entries allow no redirect (`redirect_limit`
-//!   0), so an insert that fails (peer already closed: `EOPNOTSUPP`; another sockmap owns the
-//!   socket: `EBUSY`) leaves a flow the userspace copy can still carry: nothing is removed from a
-//!   live flow, nothing queued is dropped;
-//! - each socket is read until empty before it is inserted (a partly read skb would later be
-//!   handed to the verdict whole, duplicating its prefix), the flow is armed, any skb that arrived
-//!   in between is pushed through the verdict (SO_RCVLOWAT fires data-ready), and only then is the
-//!   ClientHello written upstream;
-//! - bytes the verdict passes instead of redirecting (a flow not armed) are forwarded by the agent
-//!   once everything redirected before them has reached the peer's TCP stream;
-//! - bounded memory is NOT enforced yet (see [`REDIRECT_LIMIT`]);
-//! - FIN is not forwarded by the kernel: on EOF the agent waits until every redirected byte entered
-//!   the peer's TCP stream, then shuts the peer's write side; a reset resets the other side.
+//! The handoff and the flow control follow DESIGN.md section 3, with two findings of our own:
+//! - a receive-queue skb that a plain read consumed in part is later handed to the verdict whole
+//!   (duplicating its prefix), so each socket is read until empty before it is inserted, and
+//!   skbs that arrive between that read and the insert are pushed through the verdict at once
+//!   (SO_RCVLOWAT fires data-ready) instead of being read;
+//! - bytes a verdict passes to a spliced socket's own queue (`SK_PASS`) are not reliably accounted
+//!   by 6.18 (we saw a duplicated skb and an rmem warning), so an armed flow never passes: every
+//!   byte is redirected, and the flow is armed before its sockets are inserted.
+//!
+//! Bounded memory without `SK_PASS`: when a direction's redirected bytes pass the limit the agent
+//! set (what the peer's TCP stream took + budget), the verdict sends the socket's cookie on a ring
+//! buffer. The agent then watches that direction every millisecond: while the redirect queue holds
+//! more than the budget it clamps the *source* socket's receive window (`TCP_WINDOW_CLAMP`), so
+//! the remote sender slows down through TCP, and releases the clamp once the queue has drained to
+//! half the budget. A direction that goes quiet is no longer watched: idle flows cost nothing.
+//!
+//! FIN is not forwarded by the kernel: on EOF the agent waits until every redirected byte entered
+//! the peer's TCP stream, then shuts the peer's write side; a reset resets the other side.
 
+use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, MapData, MapError, SockHash};
+use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use zone_ingress_common::{FlowCtrl, FlowSide};
 
 use super::{FlowEnd, FlowSummary, reset};
 use crate::bpf::BpfPrograms;
 
-/// The redirect limit a flow is armed with: none. The verdict program can pause a flow past a
-/// per-flow budget (`SK_PASS` to the socket's own queue, the agent forwards, then resumes), but on
-/// 6.18 that path duplicated one skb per direction in a 1 GiB test with many pause cycles, and the
-/// kernel warned about receive-memory accounting (`inet_sock_destruct` from `sk_psock_destroy`).
-/// Until the budget is enforced another way, spliced flows are unbounded in kernel memory when a
-/// receiver is slower than its sender (DESIGN.md section 3.7); bytes are never lost or reordered.
-const REDIRECT_LIMIT: u64 = u64::MAX;
+/// Default bytes one direction of a spliced flow may park in the kernel's redirect queue.
+pub const DEFAULT_BUDGET: u64 = 4 * 1024 * 1024;
+
+/// How often a hot direction's redirect queue is measured.
+const HOT_TICK: Duration = Duration::from_millis(1);
+/// A direction that redirected nothing for this long (and is not clamped) stops being watched.
+const COOL_AFTER: Duration = Duration::from_millis(200);
 /// How long to wait for the verdict program to process the FIN after the agent saw EOF.
 const FIN_PROCESSED_WAIT: Duration = Duration::from_secs(2);
 
-/// Why a flow could not be spliced (it then takes the userspace copy).
+/// Why a flow could not be spliced (it then takes the userspace copy, or is reset).
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceRefused {
     #[error("the client or endpoint already closed its side (EOPNOTSUPP on insert)")]
@@ -81,14 +87,21 @@ impl SpliceRefused {
     }
 }
 
-/// A flow the kernel did not take: the caller copies it in userspace, first writing `to_up` to the
-/// endpoint and `to_down` to the client (bytes the handoff already read).
-pub struct Fallback {
-    pub down: TcpStream,
-    pub up: TcpStream,
-    pub reason: SpliceRefused,
-    pub to_up: Vec<u8>,
-    pub to_down: Vec<u8>,
+/// What the listener does with a flow the kernel did not take.
+pub enum Refusal {
+    /// Copy it in userspace, first writing `to_up` to the endpoint and `to_down` to the client
+    /// (bytes the handoff already read).
+    Fallback {
+        down: TcpStream,
+        up: TcpStream,
+        reason: SpliceRefused,
+        to_up: Vec<u8>,
+        to_down: Vec<u8>,
+    },
+    /// The endpoint socket is already in the SockHash but the client socket could not join it:
+    /// the flow cannot be copied safely (the endpoint's bytes would have to leave the kernel
+    /// through the path that loses track of them), and nothing was sent yet, so both are reset.
+    Abort { reason: SpliceRefused },
 }
 
 /// The BPF maps the splice needs, shared by every flow.
@@ -96,13 +109,19 @@ pub struct Splicer {
     socks: Mutex<SockHash<MapData, u64>>,
     flows: Mutex<HashMap<MapData, u64, FlowSide>>,
     ctrl: Mutex<HashMap<MapData, u64, FlowCtrl>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    /// Source socket cookie -> the direction watching it, woken by a limit event.
+    watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
+    budget: u64,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
 }
 
 impl std::fmt::Debug for Splicer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Splicer").finish_non_exhaustive()
+        f.debug_struct("Splicer")
+            .field("budget", &self.budget)
+            .finish()
     }
 }
 
@@ -121,35 +140,83 @@ pub struct SplicedFlow {
 
 /// The outcome of one direction.
 struct DirectionEnd {
-    /// Passed bytes the agent read and forwarded (userspace copies within a spliced flow).
+    /// Passed bytes the agent read and forwarded (only for a flow that was never armed).
     copied: u64,
 }
 
 impl Splicer {
-    pub fn new(programs: BpfPrograms) -> Self {
+    pub fn new(programs: BpfPrograms, budget: u64) -> Arc<Self> {
         let BpfPrograms {
             ebpf,
             socks,
             flows,
             ctrl,
+            events,
             ..
         } = programs;
-        Self {
+        let splicer = Arc::new(Self {
             socks: Mutex::new(socks),
             flows: Mutex::new(flows),
             ctrl: Mutex::new(ctrl),
+            events: Mutex::new(Some(events)),
+            watchers: Mutex::new(StdHashMap::new()),
+            budget: budget.max(1),
             _ebpf: ebpf,
-        }
+        });
+        splicer.clone().spawn_event_reader();
+        splicer
     }
 
-    /// Hands the pair to the kernel. On `Err`, the streams come back untouched by the maps (or in
-    /// a state where every byte is passed to userspace) and the caller copies in userspace.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Reads limit events from the ring buffer and wakes the direction they concern.
+    fn spawn_event_reader(self: Arc<Self>) {
+        let Some(ring) = lock(&self.events).take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no async runtime: flow-control events are not read");
+            return;
+        };
+        handle.spawn(async move {
+            // SAFETY: the ring buffer owns its fd, which stays open and unchanged while the AsyncFd
+            // owns the ring buffer.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+            };
+            let mut fd = match registered {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot poll the flow-control ring buffer: slow receivers are not throttled");
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else { return };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    let Some(bytes) = item.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                        continue;
+                    };
+                    let cookie = u64::from_ne_bytes(bytes);
+                    if let Some(n) = lock(&self.watchers).get(&cookie) {
+                        n.notify_one();
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+    }
+
+    /// Hands the pair to the kernel.
     pub async fn handoff(
         &self,
         down: TcpStream,
         up: TcpStream,
         initial: &[u8],
-    ) -> Result<SplicedFlow, Fallback> {
+    ) -> Result<SplicedFlow, Refusal> {
         // A receive-queue skb that a plain read consumed only in part is later handed to the
         // verdict whole (tcp_read_skb ignores the read offset): its prefix would be sent twice. So
         // read each socket until it is empty before it joins the SockHash. A TLS peer has nothing
@@ -157,117 +224,68 @@ impl Splicer {
         let mut to_up = initial.to_vec();
         let mut to_down = Vec::new();
         let drained = drain_queued(&down, &mut to_up).and_then(|_| drain_queued(&up, &mut to_down));
-        if let Err(reason) = drained {
-            return Err(Fallback {
+        let cookies = match drained {
+            Ok(()) => socket_cookie(&down)
+                .and_then(|d| Ok((d, socket_cookie(&up)?)))
+                .map_err(|e| SpliceRefused::Other(format!("SO_COOKIE: {e}"))),
+            Err(reason) => Err(reason),
+        };
+        let (down_cookie, up_cookie) = match cookies {
+            Ok(c) => c,
+            Err(reason) => {
+                return Err(Refusal::Fallback {
+                    down,
+                    up,
+                    reason,
+                    to_up,
+                    to_down,
+                });
+            }
+        };
+        // Armed before inserted: from its first skb, every byte of the flow is redirected.
+        let entries = self.set_ctrl(down_cookie, 1, self.budget).and_then(|_| {
+            self.set_ctrl(up_cookie, 1, self.budget)?;
+            let mut flows = lock(&self.flows);
+            flows.insert(down_cookie, side(up_cookie), 0)?;
+            flows.insert(up_cookie, side(down_cookie), 0)
+        });
+        if let Err(e) = entries {
+            self.forget(down_cookie, up_cookie);
+            return Err(Refusal::Fallback {
                 down,
                 up,
-                reason,
+                reason: SpliceRefused::from_map_error(e),
                 to_up,
                 to_down,
             });
         }
-        let refuse = |down, up, reason, to_up, to_down| Fallback {
-            down,
-            up,
-            reason,
-            to_up,
-            to_down,
-        };
-        let (down_cookie, up_cookie) = match (socket_cookie(&down), socket_cookie(&up)) {
-            (Ok(d), Ok(u)) => (d, u),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(refuse(
-                    down,
-                    up,
-                    SpliceRefused::Other(format!("SO_COOKIE: {e}")),
-                    to_up,
-                    to_down,
-                ));
-            }
-        };
-        // Control entries first, with no budget: until armed, the verdict passes every byte to the
-        // socket's own queue, where the userspace copy can read it.
-        if let Err(e) = self
-            .arm(down_cookie, 0, 0)
-            .and_then(|_| self.arm(up_cookie, 0, 0))
-        {
-            self.forget(down_cookie, up_cookie);
-            return Err(refuse(
-                down,
-                up,
-                SpliceRefused::from_map_error(e),
-                to_up,
-                to_down,
-            ));
-        }
-        let paused = |peer_cookie| FlowSide {
-            peer_cookie,
-            paused: 1,
-            ..FlowSide::default()
-        };
-        let inserted = {
-            let mut flows = lock(&self.flows);
-            flows
-                .insert(down_cookie, paused(up_cookie), 0)
-                .and_then(|_| flows.insert(up_cookie, paused(down_cookie), 0))
-        };
-        if let Err(e) = inserted {
-            self.forget(down_cookie, up_cookie);
-            return Err(refuse(
-                down,
-                up,
-                SpliceRefused::from_map_error(e),
-                to_up,
-                to_down,
-            ));
-        }
         {
             let mut socks = lock(&self.socks);
-            if let Err(e) = socks.insert(down_cookie, down.as_raw_fd(), 0) {
+            // The endpoint first: it sends nothing before it gets the ClientHello, so if the client
+            // socket is then refused, no byte has moved yet.
+            if let Err(e) = socks.insert(up_cookie, up.as_raw_fd(), 0) {
                 drop(socks);
                 self.forget(down_cookie, up_cookie);
-                return Err(refuse(
+                return Err(Refusal::Fallback {
                     down,
                     up,
-                    SpliceRefused::from_map_error(e),
+                    reason: SpliceRefused::from_map_error(e),
                     to_up,
                     to_down,
-                ));
+                });
             }
-            if let Err(e) = socks.insert(up_cookie, up.as_raw_fd(), 0) {
-                // The client socket is in the SockHash now and must stay there (removing it would
-                // drop whatever the kernel queued). Its control entry keeps a zero budget, so all
-                // its bytes are passed to userspace, where the fallback copy reads them.
-                return Err(refuse(
-                    down,
-                    up,
-                    SpliceRefused::from_map_error(e),
-                    to_up,
-                    to_down,
-                ));
+            if let Err(e) = socks.insert(down_cookie, down.as_raw_fd(), 0) {
+                drop(socks);
+                reset(&down);
+                reset(&up);
+                self.forget(down_cookie, up_cookie);
+                return Err(Refusal::Abort {
+                    reason: SpliceRefused::from_map_error(e),
+                });
             }
         }
-        // Arm before anything is written: the endpoint answers the ClientHello within microseconds,
-        // and its answer must be redirected, not passed (see `REDIRECT_LIMIT`).
-        let armed = self
-            .arm(down_cookie, REDIRECT_LIMIT, 0)
-            .and_then(|_| self.arm(up_cookie, REDIRECT_LIMIT, 0));
-        if let Err(e) = armed {
-            // Both sockets are in the SockHash with a zero limit: every byte is passed to the
-            // userspace copy, nothing was written yet.
-            return Err(refuse(
-                down,
-                up,
-                SpliceRefused::from_map_error(e),
-                to_up,
-                to_down,
-            ));
-        }
-        // Bytes that reached a socket before it joined the SockHash sit in its receive queue, and
-        // the kernel only runs the verdict over them on its next data-ready event. Reading them
-        // directly instead is unsafe: the verdict later re-reads a partially read skb from its
-        // start (duplicated bytes). Setting SO_RCVLOWAT fires data-ready now, so they go through
-        // the verdict like every later byte.
+        // skbs that arrived between the drain and the insert sit in the receive queue until the
+        // next data-ready event; fire it now so they go through the verdict like every later byte.
         for s in [&down, &up] {
             if let Err(e) = set_rcvlowat(s, 1) {
                 tracing::debug!(error = %e, "SO_RCVLOWAT failed; queued bytes wait for the next segment");
@@ -278,14 +296,14 @@ impl Splicer {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            // A peer broke before the flow started: the fallback copy sees it and resets the other.
-            return Err(refuse(
-                down,
-                up,
-                SpliceRefused::Other(format!("writing the replayed bytes: {e}")),
-                Vec::new(),
-                Vec::new(),
-            ));
+            // A peer broke before the flow started; the other learns it from a reset.
+            tracing::debug!(error = %e, "writing the replayed bytes failed");
+            reset(&down);
+            reset(&up);
+            self.forget(down_cookie, up_cookie);
+            return Err(Refusal::Abort {
+                reason: SpliceRefused::Other(format!("writing the replayed bytes: {e}")),
+            });
         }
         Ok(SplicedFlow {
             down,
@@ -310,55 +328,42 @@ impl Splicer {
             initial_down,
             started,
         } = flow;
-        let to_up = Direction {
-            splicer: self,
-            src: &down,
-            dst: &up,
-            src_cookie: down_cookie,
-            agent_written: initial,
-        };
-        let to_down = Direction {
-            splicer: self,
-            src: &up,
-            dst: &down,
-            src_cookie: up_cookie,
-            agent_written: initial_down,
-        };
-        let (r_up, r_down) = tokio::join!(to_up.run(), to_down.run());
-        let end = match (&r_up, &r_down) {
-            (Ok(_), Ok(_)) => FlowEnd::Closed,
-            (Err(e), _) | (_, Err(e)) => {
+        let to_up = Direction::new(self, &down, &up, down_cookie, initial);
+        let to_down = Direction::new(self, &up, &down, up_cookie, initial_down);
+        // The first error ends the flow at once: the other direction may be idle forever (its
+        // peer waiting), and the reset is what tells it the stream broke.
+        let result = tokio::try_join!(to_up.run(), to_down.run());
+        let (end, copied_up, copied_down) = match result {
+            Ok((u, d)) => (FlowEnd::Closed, u.copied, d.copied),
+            Err(e) => {
                 tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
                 reset(&down);
                 reset(&up);
-                FlowEnd::Reset
+                (FlowEnd::Reset, 0, 0)
             }
         };
-        let copied = |r: &io::Result<DirectionEnd>| r.as_ref().map(|d| d.copied).unwrap_or(0);
-        let side = |cookie| self.side(cookie).unwrap_or_default();
-        let (d, u) = (side(down_cookie), side(up_cookie));
+        let (d, u) = (self.side(down_cookie), self.side(up_cookie));
         self.forget(down_cookie, up_cookie);
         FlowSummary {
             end,
-            bytes_up: initial + d.redirected_bytes + copied(&r_up),
-            bytes_down: initial_down + u.redirected_bytes + copied(&r_down),
-            copied: initial + initial_down + copied(&r_up) + copied(&r_down),
+            bytes_up: initial + d.redirected_bytes + copied_up,
+            bytes_down: initial_down + u.redirected_bytes + copied_down,
+            copied: initial + initial_down + copied_up + copied_down,
             duration: started.elapsed(),
         }
     }
 
-    /// Bytes the agent copied in userspace for this flow so far is reported by `run`; this is the
-    /// kernel's view of one side.
-    fn side(&self, cookie: u64) -> Option<FlowSide> {
-        lock(&self.flows).get(&cookie, 0).ok()
+    /// The kernel's view of one side (zeros if the entry is gone).
+    fn side(&self, cookie: u64) -> FlowSide {
+        lock(&self.flows).get(&cookie, 0).unwrap_or_default()
     }
 
-    fn arm(&self, cookie: u64, redirect_limit: u64, consumed_bytes: u64) -> Result<(), MapError> {
+    fn set_ctrl(&self, cookie: u64, armed: u64, redirect_limit: u64) -> Result<(), MapError> {
         lock(&self.ctrl).insert(
             cookie,
             FlowCtrl {
+                armed,
                 redirect_limit,
-                consumed_bytes,
             },
             0,
         )
@@ -369,7 +374,15 @@ impl Splicer {
         for cookie in [down_cookie, up_cookie] {
             let _ = lock(&self.flows).remove(&cookie);
             let _ = lock(&self.ctrl).remove(&cookie);
+            lock(&self.watchers).remove(&cookie);
         }
+    }
+}
+
+fn side(peer_cookie: u64) -> FlowSide {
+    FlowSide {
+        peer_cookie,
+        ..FlowSide::default()
     }
 }
 
@@ -379,18 +392,69 @@ struct Direction<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_cookie: u64,
-    /// Bytes the agent wrote to `dst` itself (ClientHello, forwarded passed bytes).
+    /// Bytes the agent wrote to `dst` itself (replayed bytes, forwarded passed bytes).
     agent_written: u64,
+    wake: Arc<Notify>,
+    /// `src`'s receive-window clamp before the agent touched it; restored on release.
+    original_clamp: Option<libc::c_int>,
+    clamped: bool,
 }
 
-impl Direction<'_> {
+impl<'a> Direction<'a> {
+    fn new(
+        splicer: &'a Splicer,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        src_cookie: u64,
+        agent_written: u64,
+    ) -> Self {
+        let wake = Arc::new(Notify::new());
+        lock(&splicer.watchers).insert(src_cookie, wake.clone());
+        Self {
+            splicer,
+            src,
+            dst,
+            src_cookie,
+            agent_written,
+            wake,
+            original_clamp: None,
+            clamped: false,
+        }
+    }
+
     async fn run(mut self) -> io::Result<DirectionEnd> {
+        let result = self.watch().await;
+        if self.clamped {
+            let _ = self.release_clamp();
+        }
+        result
+    }
+
+    async fn watch(&mut self) -> io::Result<DirectionEnd> {
         let mut copied = 0u64;
         let mut buf: Vec<u8> = Vec::new();
+        // While hot, the redirect queue is measured every tick; `last` is (redirected, when it last
+        // moved) to notice the direction going quiet.
+        let mut hot = false;
+        let mut last = (0u64, Instant::now());
         loop {
-            // Read interest only: a spliced socket becomes readable on EOF, on an error, or when
-            // the verdict passed bytes to it (a flow that was never armed).
-            self.src.readable().await?;
+            let wake = self.wake.clone();
+            let tick = async {
+                if hot {
+                    tokio::time::sleep(HOT_TICK).await
+                } else {
+                    wake.notified().await
+                }
+            };
+            tokio::select! {
+                r = self.src.readable() => r?,
+                _ = tick => {
+                    hot = self.regulate(&mut last)?;
+                    continue;
+                }
+            }
+            // Read interest only: a spliced socket becomes readable on EOF or an error (or with
+            // passed bytes, for a flow that was never armed).
             if buf.is_empty() {
                 buf = vec![0u8; 64 * 1024];
             }
@@ -407,9 +471,6 @@ impl Direction<'_> {
                         write_all(self.dst, &buf[..n]).await?;
                         self.agent_written += n as u64;
                         copied += n as u64;
-                        self.splicer
-                            .arm(self.src_cookie, REDIRECT_LIMIT, copied)
-                            .map_err(io::Error::other)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -419,12 +480,56 @@ impl Direction<'_> {
         }
     }
 
+    /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
+    /// move the limit. Returns whether the direction is still hot.
+    fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
+        let side = self.splicer.side(self.src_cookie);
+        let taken = tcp_stream_bytes(self.dst)?.saturating_sub(self.agent_written);
+        let queued = side.redirected_bytes.saturating_sub(taken);
+        let budget = self.splicer.budget;
+        if queued > budget && !self.clamped {
+            self.clamp()?;
+        } else if self.clamped && queued <= budget / 2 {
+            self.release_clamp()?;
+        }
+        self.splicer
+            .set_ctrl(self.src_cookie, 1, taken + budget)
+            .map_err(io::Error::other)?;
+        let now = Instant::now();
+        if side.redirected_bytes != last.0 {
+            *last = (side.redirected_bytes, now);
+        }
+        Ok(self.clamped || now.duration_since(last.1) < COOL_AFTER)
+    }
+
+    fn clamp(&mut self) -> io::Result<()> {
+        if self.original_clamp.is_none() {
+            self.original_clamp = Some(get_window_clamp(self.src)?);
+        }
+        // The kernel raises this to its minimum (about 1 KiB); the window it already advertised
+        // is never shrunk, so the sender can still fill that, then it is held back.
+        set_window_clamp(self.src, 1)?;
+        self.clamped = true;
+        tracing::trace!(
+            cookie = self.src_cookie,
+            "redirect queue over budget: sender window clamped"
+        );
+        Ok(())
+    }
+
+    fn release_clamp(&mut self) -> io::Result<()> {
+        let original = self.original_clamp.unwrap_or(libc::c_int::MAX / 2);
+        set_window_clamp(self.src, original.max(1))?;
+        self.clamped = false;
+        Ok(())
+    }
+
     /// Resolves once every byte redirected from `src` has entered `dst`'s TCP stream (so a write
     /// by the agent, or a FIN, cannot overtake it).
     async fn wait_redirects_in_tcp(&self) -> io::Result<()> {
         let mut delay = Duration::from_micros(50);
         loop {
-            let side = self.splicer.side(self.src_cookie).unwrap_or_default();
+            let side = self.splicer.side(self.src_cookie);
             let in_tcp = tcp_stream_bytes(self.dst)?;
             if in_tcp >= side.redirected_bytes + self.agent_written {
                 return Ok(());
@@ -439,14 +544,7 @@ impl Direction<'_> {
         // The FIN is processed by the verdict (and dropped) after every skb before it; once it has
         // been, `redirected_bytes` is final.
         let deadline = Instant::now() + FIN_PROCESSED_WAIT;
-        while self
-            .splicer
-            .side(self.src_cookie)
-            .unwrap_or_default()
-            .dropped_empty
-            == 0
-            && Instant::now() < deadline
-        {
+        while self.splicer.side(self.src_cookie).dropped_empty == 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         self.wait_redirects_in_tcp().await?;
@@ -456,6 +554,55 @@ impl Direction<'_> {
             Err(e) => Err(e),
         }
     }
+}
+
+fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: TCP_WINDOW_CLAMP writes one int.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
+    set_int_opt(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, value)
+}
+
+fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    set_int_opt(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+fn set_int_opt(
+    stream: &TcpStream,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option reads one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Most bytes the handoff reads off a socket before giving up on splicing it.
@@ -515,23 +662,6 @@ fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
-}
-
-fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
-    // SAFETY: SO_RCVLOWAT reads one int.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn socket_cookie(stream: &TcpStream) -> io::Result<u64> {
