@@ -118,6 +118,9 @@ struct Args {
     /// Seed of the random path order (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// Run HAProxy without `option splice-request` / `splice-response`.
+    #[arg(long)]
+    haproxy_no_splice: bool,
     /// Never run apt-get (fail if haproxy or nginx is missing).
     #[arg(long)]
     no_install: bool,
@@ -274,6 +277,7 @@ fn run(args: Args) -> Result<()> {
         proxy: ProxySettings {
             agent_bin: agent_bin.clone(),
             cpu: proxy_cpu,
+            haproxy_splice: !args.haproxy_no_splice,
         },
         loadgen_cpu,
         bulk_bytes,
@@ -659,6 +663,12 @@ fn markdown(
          at the client.",
         "connect: 64 loops of new TCP connection + full mTLS handshake (rustls may resume sessions) + one 1 KiB \
          RPC + close both ways; connections/s.",
+        "Pinning caveat: the sockmap path's redirect work runs in softirq and a kernel worker on the CPU that \
+         receives the packets, which is mostly the load generator's CPU; with only 2 CPUs that CPU is the \
+         bottleneck, so pinned runs understate the splice's throughput (`--no-pin` lets the kernel spread the \
+         work; in a quick unpinned check both agent paths held the 500 MB/s pace at 2.3-2.9 s/GB).",
+        "HAProxy's forced splice lost the tail of a half-closed flow in some bulk runs here (see the notes when \
+         it happens); `--haproxy-no-splice` runs it without splice.",
         "Machine-wide CPU counts everything on the host, including other work running at the same time: on a \
          shared 2-CPU VM the ranges are wide; compare paths within one run, not across runs.",
         "Not yet: `idle` (10 000 idle flows, memory), PNG charts.",

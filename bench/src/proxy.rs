@@ -75,6 +75,8 @@ pub struct ProxySettings {
     pub agent_bin: PathBuf,
     /// The CPU the proxy is pinned to (`taskset -c`), if any.
     pub cpu: Option<usize>,
+    /// HAProxy with `option splice-request` + `splice-response` (the best-tuned setting of DESIGN.md).
+    pub haproxy_splice: bool,
 }
 
 /// A running proxy. Dropping it stops it and cleans up after it.
@@ -93,11 +95,16 @@ fn backend_target() -> SocketAddr {
     SocketAddr::new(BACKEND_V4.into(), BACKEND_PORT)
 }
 
-fn haproxy_config(threads: usize) -> String {
+fn haproxy_config(threads: usize, splice: bool) -> String {
+    let splice = if splice {
+        "option splice-request\n    option splice-response"
+    } else {
+        "# splice off (--haproxy-no-splice)"
+    };
     format!(
         "global\n    nbthread {threads}\n    maxconn 4096\n\n\
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
-         option splice-request\n    option splice-response\n\n\
+         {splice}\n\n\
          frontend zi_bench\n    bind {listen}\n    tcp-request inspect-delay 5s\n    \
          tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    \
          use_backend mesh_backend if {{ req.ssl_sni -i {SNI_BACKEND} }}\n\n\
@@ -201,14 +208,12 @@ impl Proxy {
             }
             PathKind::Haproxy => {
                 let cfg = dir.path().join("haproxy.cfg");
-                std::fs::write(
-                    &cfg,
-                    haproxy_config(if settings.cpu.is_some() {
-                        1
-                    } else {
-                        sys::nproc()
-                    }),
-                )?;
+                let threads = if settings.cpu.is_some() {
+                    1
+                } else {
+                    sys::nproc()
+                };
+                std::fs::write(&cfg, haproxy_config(threads, settings.haproxy_splice))?;
                 let mut c = pinned(ns, settings.cpu, &find_program("haproxy")?);
                 c.arg("-f").arg(&cfg).arg("-db");
                 c
@@ -345,7 +350,11 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let pid = self.child.id();
         // Workers (nginx) are collected before the master goes, so none is left orphaned.
-        let workers = sys::children(pid);
+        let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+        let workers: Vec<(u32, Option<String>)> = sys::children(pid)
+            .into_iter()
+            .map(|w| (w, comm(w)))
+            .collect();
         if matches!(self.child.try_wait(), Ok(None)) {
             sys::signal(pid, libc::SIGTERM);
             let start = Instant::now();
@@ -363,8 +372,9 @@ impl Drop for Proxy {
                 let _ = self.child.wait();
             }
         }
-        for w in workers {
-            if Path::new(&format!("/proc/{w}")).exists() {
+        for (w, name) in workers {
+            // Only the same process (same name), not a pid reused since.
+            if name.is_some() && comm(w) == name {
                 sys::signal(w, libc::SIGKILL);
             }
         }
