@@ -315,11 +315,10 @@ pub async fn bulk(
     if sent.is_err() || got.is_err() {
         // Say what the backend saw too: which side lost what.
         let backend = match tokio::time::timeout(Duration::from_secs(3), ctx.reports.recv()).await {
-            Ok(Some(r)) => format!(
-                "backend received {} of {n} bytes{}",
-                r.received,
-                r.error.map(|e| format!(", then {e}")).unwrap_or_default()
-            ),
+            Ok(Some(r)) => match r.error {
+                Some(e) => e,
+                None => format!("backend received {} of {n} bytes", r.received),
+            },
             _ => "backend reported nothing within 3 s".to_string(),
         };
         let what = match (&sent, &got) {

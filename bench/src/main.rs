@@ -331,8 +331,14 @@ fn run(args: Args) -> Result<()> {
         std::fs::write(md, text).with_context(|| format!("write {}", md.display()))?;
         eprintln!("bench: wrote {}", md.display());
     }
-    if !failures.is_empty() {
-        bail!("{} run(s) failed (see the notes above)", failures.len());
+    // A peer (HAProxy, nginx) that fails a run is a finding about that peer, reported above; the exit
+    // status fails only for the agent's paths and the direct baseline.
+    let ours = failures
+        .iter()
+        .filter(|f| !f.contains(" haproxy FAILED") && !f.contains(" nginx FAILED"))
+        .count();
+    if ours > 0 {
+        bail!("{ours} run(s) of direct or the agent failed (see the notes above)");
     }
     Ok(())
 }
