@@ -75,8 +75,11 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     }
 }
 
+/// CPUs online on the machine (not the affinity mask of this process, which is pinned).
 pub fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 { n as usize } else { 1 }
 }
 
 pub fn is_root() -> bool {
