@@ -549,7 +549,8 @@ async fn run_one(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured
     if let Some(p) = proxy.as_mut() {
         anyhow::ensure!(
             p.is_running(),
-            "{path} exited during the run; its log:\n{}",
+            "{path} exited during the run ({}); its log:\n{}",
+            p.status(),
             p.log_tail()
         );
         if path == PathKind::Sockmap

@@ -312,6 +312,15 @@ impl Proxy {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the proxy ended ("running" while it runs), e.g. "exit status: 1" or "signal: 11 (SIGSEGV)".
+    pub fn status(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(None) => "running".to_string(),
+            Ok(Some(st)) => st.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
     /// The last 4 KiB of the proxy's stdout/stderr (and nginx's error log).
     pub fn log_tail(&self) -> String {
         let mut s = std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default();
