@@ -4,6 +4,7 @@
 //! bpf-linker built against the nightly's own libLLVM (cached), and Debian packages. Toolchains are
 //! never updated: `rustup update` would replace the nightly and break every bpf-linker built on it.
 
+mod bench;
 mod build;
 mod debian;
 mod test;
@@ -45,6 +46,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then run the side-by-side benchmark (direct, sockmap, userspace, HAProxy, nginx) as root;
+    /// writes target/bench/results.json and BENCHMARKS.md. Arguments after `--` (e.g. `--quick`) go to
+    /// zone-ingress-bench.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install what the other commands need (nightly rust-src, bpf-linker, Debian packages), then exit.
     Setup,
 }
@@ -55,6 +63,7 @@ fn main() -> ExitCode {
         Command::Build => build::build_all().map(|_| ()),
         Command::Run { args } => build::build_all().and_then(|bin| build::run_agent(&bin, &args)),
         Command::Test { no_lint, args } => test::run(no_lint, &args),
+        Command::Bench { args } => bench::run(&args),
         Command::Setup => toolchain::ensure_bpf_toolchain()
             .map(|_| ())
             .and_then(|_| debian::ensure(debian::TEST_PACKAGES)),
