@@ -27,6 +27,7 @@ pub mod map_names {
 /// Program names in the BPF object.
 pub mod prog_names {
     pub const SK_SKB_VERDICT: &str = "zi_stream_verdict";
+    pub const SK_SKB_PARSER: &str = "zi_stream_parser";
 }
 
 /// Capacity of the SockHash and the flow map (sockets, two per flow).

@@ -10,7 +10,7 @@
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
-    macros::{map, stream_verdict},
+    macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
@@ -44,6 +44,16 @@ fn count(counter: ProgCounter) {
         // SAFETY: per-CPU slot, valid for the duration of the program.
         unsafe { *slot += 1 };
     }
+}
+
+/// Stream parser: every skb is one message. Its only purpose is the read path it selects: with a
+/// parser the kernel reads the socket with `tcp_read_sock`, which honours the offset of an skb
+/// whose head was already received (a retransmission overlapping data TCP had accepted); the
+/// verdict-only path (`tcp_read_skb`) hands such an skb over whole, and its head is redirected
+/// twice (seen on 6.18 under window clamping: the same bytes sent to the peer twice).
+#[stream_parser]
+pub fn zi_stream_parser(ctx: SkBuffContext) -> u32 {
+    ctx.len()
 }
 
 #[stream_verdict]

@@ -113,21 +113,26 @@ impl BpfPrograms {
         let ctrl = take_map(&mut ebpf, map_names::CTRL, HashMap::try_from)?;
         let events = take_map(&mut ebpf, map_names::EVENTS, RingBuf::try_from)?;
 
-        let program = |source| BpfError::Program {
-            name: prog_names::SK_SKB_VERDICT,
-            source,
-        };
-        let verdict: &mut SkSkb = ebpf
-            .program_mut(prog_names::SK_SKB_VERDICT)
-            .ok_or(BpfError::Map {
-                name: prog_names::SK_SKB_VERDICT,
-                detail: "program not in the object".into(),
-            })?
-            .try_into()
-            .map_err(program)?;
-        verdict.load().map_err(program)?;
-        verdict.attach(socks.fd()).map_err(program)?;
-
+        // The parser only selects the offset-aware read path (see the program's comment).
+        // ZONE_INGRESS_SPLICE_PARSER=0 leaves it out, to compare the two paths.
+        let with_parser = std::env::var("ZONE_INGRESS_SPLICE_PARSER").map_or(true, |v| v != "0");
+        let mut names = vec![prog_names::SK_SKB_VERDICT];
+        if with_parser {
+            names.insert(0, prog_names::SK_SKB_PARSER);
+        }
+        for name in names {
+            let program = |source| BpfError::Program { name, source };
+            let prog: &mut SkSkb = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Map {
+                    name,
+                    detail: "program not in the object".into(),
+                })?
+                .try_into()
+                .map_err(program)?;
+            prog.load().map_err(program)?;
+            prog.attach(socks.fd()).map_err(program)?;
+        }
         tracing::info!(pin_dir = %pin_dir.display(), "BPF programs loaded, maps pinned");
         Ok(Self {
             ebpf,

@@ -520,6 +520,15 @@ impl<'a> Direction<'a> {
         let in_tcp = self.dst_stream_bytes()?;
         let side = self.splicer.side(self.src_cookie);
         self.check_not_ahead(&side, in_tcp)?;
+        // Redirected first, received second (received only grows): more redirected than received
+        // means the kernel handed the same bytes to the verdict twice.
+        let received = tcp_bytes_received(self.src)?;
+        if side.redirected_bytes + self.agent_written > received {
+            return Err(self.integrity_error(format!(
+                "{} bytes redirected or moved but only {received} received",
+                side.redirected_bytes + self.agent_written
+            )));
+        }
         let taken = in_tcp.saturating_sub(self.agent_written);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
@@ -668,12 +677,30 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// EOF on `src`: forward the FIN once every byte before it reached `dst`'s TCP stream.
+    /// EOF on `src`: forward the FIN once every byte before it went through the verdict and
+    /// reached `dst`'s TCP stream.
     async fn finish(&self) -> io::Result<()> {
-        // The FIN is processed by the verdict (and dropped) after every skb before it; once it has
-        // been, `redirected_bytes` is final.
+        // Every data byte `src` received is redirected or was moved by the agent; the FIN counts
+        // one. Until the two agree the kernel is still working through the receive queue.
         let deadline = Instant::now() + FIN_PROCESSED_WAIT;
-        while self.splicer.side(self.src_cookie).dropped_empty == 0 && Instant::now() < deadline {
+        loop {
+            let side = self.splicer.side(self.src_cookie);
+            let moved = side.redirected_bytes + self.agent_written;
+            let received = tcp_bytes_received(self.src)?.saturating_sub(1);
+            if moved == received {
+                break;
+            }
+            if moved > received {
+                return Err(self.integrity_error(format!(
+                    "{moved} bytes went through the verdict or the agent but only {received} were received"
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.integrity_error(format!(
+                    "{} of {received} received bytes still not through the verdict after {FIN_PROCESSED_WAIT:?}",
+                    received - moved
+                )));
+            }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         self.wait_redirects_in_tcp().await?;
@@ -685,6 +712,7 @@ impl<'a> Direction<'a> {
         }
     }
 }
+
 
 fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
     sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
