@@ -62,7 +62,8 @@ pub fn run(no_lint: bool, extra: &[String]) -> Result<()> {
 fn cargo_ok(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().context("running cargo")?;
     if !status.success() {
-        bail!("`{:?}` exited with {status}", cmd);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        bail!("`cargo {}` exited with {status}", args.join(" "));
     }
     Ok(())
 }

@@ -713,7 +713,6 @@ impl<'a> Direction<'a> {
     }
 }
 
-
 fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
     sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
 }
