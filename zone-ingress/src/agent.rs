@@ -171,7 +171,8 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
         DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir) {
             Ok(p) => {
                 tracing::info!(
-                    "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+                    budget = opts.splice_budget,
+                    "datapath: kernel splice (userspace copy for flows the kernel refuses)"
                 );
                 Ok(Some(p))
             }
@@ -186,7 +187,8 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
             let p = BpfPrograms::load(&opts.pin_dir)
                 .context("--datapath sockmap needs the BPF programs")?;
             tracing::info!(
-                "datapath: BPF programs ready; flows use the userspace copy until the kernel splice lands"
+                budget = opts.splice_budget,
+                "datapath: kernel splice (userspace copy for flows the kernel refuses)"
             );
             Ok(Some(p))
         }
