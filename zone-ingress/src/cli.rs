@@ -77,7 +77,7 @@ struct RunArgs {
     drain_time: Duration,
     /// Bytes one direction of a spliced flow may park in the kernel's redirect queue before the
     /// sender is slowed through TCP (e.g. `4MiB`, `512KiB`).
-    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size, env = "ZONE_INGRESS_SPLICE_BUDGET")]
     splice_budget: u64,
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
