@@ -422,8 +422,8 @@ const PERSIST_TICKS: u32 = 5;
 /// Receive-window clamps applied to a sender, gentlest first. A hard clamp makes the receiver's
 /// MSS estimate collapse and the window regrow slowly after release (85 hard clamps cost 15 s of a
 /// 1 GiB transfer in a test), so a queue that is over budget but no longer growing keeps the
-/// current level, and only a queue that keeps growing (or passes twice the budget) gets the next. The kernel raises the
-/// last level to its minimum (about 1 KiB).
+/// current level, and only a queue that keeps growing (or passes twice the budget) gets the next.
+/// The kernel raises the last level to its minimum (about 1 KiB).
 const CLAMP_LEVELS: [libc::c_int; 4] = [256 * 1024, 64 * 1024, 16 * 1024, 1];
 
 impl<'a> Direction<'a> {
