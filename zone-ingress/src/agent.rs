@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::accesslog::{self, AccessLog};
 use crate::admin::{self, Readiness};
 use crate::bpf::BpfPrograms;
 use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
@@ -36,7 +37,13 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Bytes one direction of a spliced flow may park in the kernel before its sender is slowed.
     pub splice_budget: u64,
+    /// `--access-log`: where lines go; `None` is off.
+    pub access_log: Option<accesslog::Sink>,
+    pub access_log_format: accesslog::Format,
 }
+
+/// After the drain time, how long flows told to finish get to deliver what they hold.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// The ZoneIngress resource and the route file, from flags or the embedded defaults.
 pub fn load_config(opts: &RunOptions) -> Result<(ZoneIngress, RoutesFile, String)> {
@@ -119,6 +126,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::spawn(reload::watch_xds_file(path, routes.clone(), stats.clone()));
     }
 
+    stats.set_listener_address(listen);
+    let (access_log, log_writer) = match &opts.access_log {
+        Some(sink) => {
+            let (log, writer) =
+                accesslog::start(sink, opts.access_log_format, stats.clone()).await?;
+            (log, Some(writer))
+        }
+        None => (AccessLog::disabled(stats.clone()), None),
+    };
+    let (drain_tx, drain_rx) = watch::channel(false);
+
     let flows = Arc::new(ActiveFlows::default());
     let ingress = Arc::new(Ingress {
         routes: routes.clone(),
@@ -130,6 +148,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         connect_timeout: opts.connect_timeout,
         flows: flows.clone(),
         splicer,
+        access_log,
+        drain: drain_rx,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
@@ -152,10 +172,27 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .await
         .is_err()
     {
+        // Userspace-copied flows half-close both sides after the bytes they hold (see
+        // listener::copy_until_drained) and get DRAIN_GRACE to deliver them. Spliced flows do
+        // not observe the signal yet and end with the process.
         tracing::warn!(
             remaining = flows.count(),
-            "drain time over; closing the remaining flows"
+            grace = ?DRAIN_GRACE,
+            "drain time over; asking the remaining flows to finish"
         );
+        let _ = drain_tx.send(true);
+        if tokio::time::timeout(DRAIN_GRACE, flows.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = flows.count(),
+                "flows still open after the grace; they end with the process"
+            );
+        }
+    }
+    if let Some(writer) = log_writer {
+        writer.finish(DRAIN_GRACE).await;
     }
     Ok(())
 }

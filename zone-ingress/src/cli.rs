@@ -79,6 +79,13 @@ struct RunArgs {
     /// sender is slowed through TCP (e.g. `4MiB`, `512KiB`).
     #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size, env = "ZONE_INGRESS_SPLICE_BUDGET")]
     splice_budget: u64,
+    /// Write one line per finished connection (routed or rejected) to FILE (appended), or to
+    /// stdout with `-`. Off by default.
+    #[arg(long, value_name = "FILE|-", env = "ZONE_INGRESS_ACCESS_LOG")]
+    access_log: Option<String>,
+    /// Access log line format: `plain` (key=value) or `json` (one object per line, stable keys).
+    #[arg(long, value_enum, default_value_t = crate::accesslog::Format::Plain, env = "ZONE_INGRESS_ACCESS_LOG_FORMAT")]
+    access_log_format: crate::accesslog::Format,
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -196,6 +203,11 @@ fn run(args: RunArgs) -> ExitCode {
         drain_time: args.drain_time,
         pin_dir: args.pin_dir,
         splice_budget: args.splice_budget,
+        access_log: args
+            .access_log
+            .as_deref()
+            .map(crate::accesslog::Sink::parse),
+        access_log_format: args.access_log_format,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

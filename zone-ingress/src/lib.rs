@@ -4,8 +4,9 @@
 //! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
 //! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
-//! [`stats`] and [`admin`] observe; [`reload`] swaps route tables.
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables.
 
+pub mod accesslog;
 pub mod admin;
 pub mod agent;
 pub mod bpf;

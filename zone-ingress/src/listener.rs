@@ -10,10 +10,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::accesslog::{self, AccessLog};
 
 use crate::datapath::sockmap::{Refusal, Splicer};
 use crate::datapath::{self, FlowEnd, FlowSummary};
@@ -31,6 +33,10 @@ pub struct Ingress {
     pub flows: Arc<ActiveFlows>,
     /// The kernel splice, when the BPF programs are loaded (`--datapath auto|sockmap`).
     pub splicer: Option<Arc<Splicer>>,
+    pub access_log: AccessLog,
+    /// Turns true when the drain time is over: live flows should end cleanly now (half-close
+    /// both sides after the bytes already delivered) rather than die with the process.
+    pub drain: watch::Receiver<bool>,
 }
 
 /// Counts connections in flight so a drain can wait for them.
@@ -131,12 +137,17 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
+    let (start, started_at) = (Instant::now(), SystemTime::now());
     let _ = down.set_nodelay(true);
     let hello = match read_client_hello(&mut down, &ingress.hello_limits).await {
         Ok(h) => h,
         Err(e) => {
             ingress.stats.rejected(RejectReason::from_label(e.reason()));
             tracing::debug!(%peer, reason = e.reason(), error = %e, "closing connection: no routable ClientHello");
+            let mut entry = accesslog::Entry::new(started_at, peer, accesslog::End::Rejected);
+            entry.reason = Some(RejectReason::from_label(e.reason()).as_str());
+            entry.duration_ms = start.elapsed();
+            ingress.access_log.log(entry);
             return;
         }
     };
@@ -144,25 +155,53 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     let Some(route) = table.lookup(&hello.sni) else {
         ingress.stats.rejected(RejectReason::UnknownSni);
         tracing::debug!(%peer, sni = %String::from_utf8_lossy(&hello.sni), "closing connection: no route for SNI");
+        let mut entry = accesslog::Entry::new(started_at, peer, accesslog::End::Rejected);
+        entry.sni = Some(String::from_utf8_lossy(&hello.sni).into_owned());
+        entry.reason = Some(RejectReason::UnknownSni.as_str());
+        entry.bytes_up = hello.consumed.len() as u64;
         if let Some(bytes) = table.direct_response().cloned() {
             drop(table);
             send_direct_response(&mut down, &bytes, ingress.hello_limits.timeout).await;
+            entry.bytes_down = bytes.len() as u64;
         }
+        entry.duration_ms = start.elapsed();
+        ingress.access_log.log(entry);
         return;
     };
     drop(table);
-    let (up, endpoint) =
-        match upstream::connect(&route, ingress.connect_timeout, &ingress.stats).await {
-            Ok(c) => c,
-            Err(e) => {
-                ingress.stats.upstream_unavailable();
-                tracing::warn!(%peer, error = %e, "resetting client");
-                datapath::reset(&down);
-                return;
-            }
-        };
+    // Scoped so failed attempts (failovers included) count against this route's cluster.
+    let connected = crate::stats::in_cluster(
+        route.cluster.clone(),
+        upstream::connect(&route, ingress.connect_timeout, &ingress.stats),
+    )
+    .await;
+    let (up, endpoint) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            ingress.stats.upstream_unavailable();
+            tracing::warn!(%peer, error = %e, "resetting client");
+            datapath::reset(&down);
+            let mut entry =
+                accesslog::Entry::new(started_at, peer, accesslog::End::UpstreamUnavailable);
+            entry.sni = Some(route.sni.to_string());
+            entry.cluster = Some(route.cluster.clone());
+            entry.reason = Some("no_healthy_upstream");
+            entry.duration_ms = start.elapsed();
+            ingress.access_log.log(entry);
+            return;
+        }
+    };
+    ingress.stats.upstream_connected(&route.cluster);
     let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed).await;
     ingress.stats.copied(kind, summary.copied);
+    ingress
+        .stats
+        .flow_bytes(&route.cluster, summary.bytes_up, summary.bytes_down);
+    let end = if summary.end == FlowEnd::Closed {
+        accesslog::End::Closed
+    } else {
+        accesslog::End::Reset
+    };
     tracing::debug!(
         %peer,
         sni = %route.sni,
@@ -175,6 +214,17 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         end = if summary.end == FlowEnd::Closed { "closed" } else { "reset" },
         "flow finished"
     );
+    if ingress.access_log.is_enabled() {
+        let mut entry = accesslog::Entry::new(started_at, peer, end);
+        entry.sni = Some(route.sni.to_string());
+        entry.cluster = Some(route.cluster.clone());
+        entry.upstream = Some(endpoint);
+        entry.datapath = Some(kind.as_str());
+        entry.bytes_up = summary.bytes_up;
+        entry.bytes_down = summary.bytes_down;
+        entry.duration_ms = start.elapsed();
+        ingress.access_log.log(entry);
+    }
 }
 
 /// The catch-all direct_response (Kuma's zero-cluster answer): the bytes, then a clean close.
@@ -235,6 +285,41 @@ async fn move_bytes(
     ingress.stats.flow_started(DatapathKind::Userspace);
     (
         DatapathKind::Userspace,
-        datapath::userspace::proxy(down, up, &to_up, &to_down).await,
+        copy_until_drained(ingress.drain.clone(), down, up, &to_up, &to_down).await,
     )
+}
+
+/// The userspace copy, ended cleanly when the drain time is over: both sockets stop reading
+/// (`shutdown(SHUT_RD)`), so each direction sees end-of-stream, writes what it already read and
+/// half-closes its destination, as if both peers had sent FIN. Bytes the peers send after that are
+/// not forwarded; everything forwarded before is delivered, followed by a FIN instead of a reset.
+async fn copy_until_drained(
+    mut drain: watch::Receiver<bool>,
+    down: TcpStream,
+    up: TcpStream,
+    to_up: &[u8],
+    to_down: &[u8],
+) -> FlowSummary {
+    use std::os::fd::AsRawFd;
+    let fds = [down.as_raw_fd(), up.as_raw_fd()];
+    let copy = datapath::userspace::proxy(down, up, to_up, to_down);
+    tokio::pin!(copy);
+    let drained = async {
+        // A dropped sender means the agent is not draining through this channel: never fire.
+        if drain.wait_for(|d| *d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        summary = &mut copy => return summary,
+        () = drained => {}
+    }
+    for fd in fds {
+        // SAFETY: `copy` owns both streams and has not completed, so neither is closed and the
+        // descriptors still name these sockets; shutdown does not touch memory.
+        if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "drain: shutdown(SHUT_RD) failed");
+        }
+    }
+    copy.await
 }

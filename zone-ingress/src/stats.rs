@@ -9,6 +9,46 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+tokio::task_local! {
+    /// The cluster whose endpoints the current task is connecting to. `upstream::connect` reports
+    /// failed attempts without naming the cluster; the listener runs it inside [`in_cluster`] so
+    /// the per-cluster Envoy counter sees every attempt, failovers included.
+    static UPSTREAM_CLUSTER: Arc<str>;
+}
+
+/// Runs `f` with connect failures attributed to `cluster`.
+pub async fn in_cluster<F: std::future::Future>(cluster: Arc<str>, f: F) -> F::Output {
+    UPSTREAM_CLUSTER.scope(cluster, f).await
+}
+
+/// Envoy's per-cluster (and per tcp_proxy stat prefix) counters, for the Envoy-named metrics.
+#[derive(Debug, Default)]
+struct ClusterCounters {
+    upstream_cx_total: AtomicU64,
+    upstream_cx_connect_fail: AtomicU64,
+    downstream_rx_bytes: AtomicU64,
+    downstream_tx_bytes: AtomicU64,
+}
+
+/// Envoy stat names cannot hold `:`; Kuma gives `mesh:service` clusters the alt_stat_name
+/// `mesh_service`, which is what Envoy's metrics then carry.
+fn envoy_stat_name(cluster: &str) -> String {
+    cluster.replace(':', "_")
+}
+
+/// Escapes a Prometheus label value (backslash, double quote, newline).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Why a downstream connection was closed before it was routed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
@@ -107,6 +147,11 @@ pub struct Stats {
     sender_clamps: Counter,
     queue_peak: Gauge,
     integrity_errors: Counter,
+    access_log_dropped: Counter,
+    started: Instant,
+    /// Envoy's `envoy_listener_address` label value (`0.0.0.0_10001`), set once the agent binds.
+    listener_address: OnceLock<String>,
+    clusters: RwLock<BTreeMap<String, Arc<ClusterCounters>>>,
 }
 
 impl Default for Stats {
@@ -186,6 +231,12 @@ impl Stats {
             "Spliced flows reset because the kernel delivered a different byte count than it received",
             integrity_errors.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the writer was behind (the data path never waits for it)",
+            access_log_dropped.clone(),
+        );
         // Pre-create every label so a dashboard sees zeros rather than absent series.
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
@@ -215,7 +266,151 @@ impl Stats {
             sender_clamps,
             queue_peak,
             integrity_errors,
+            access_log_dropped,
+            started: Instant::now(),
+            listener_address: OnceLock::new(),
+            clusters: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
+    }
+
+    /// Sets the listener address the Envoy-named listener metrics carry (first call wins).
+    pub fn set_listener_address(&self, addr: std::net::SocketAddr) {
+        // Envoy's stat prefix is `listener.<ip>_<port>.`; IPv6 keeps its brackets-free form.
+        let _ = self
+            .listener_address
+            .set(format!("{}_{}", addr.ip(), addr.port()));
+    }
+
+    fn cluster(&self, cluster: &str) -> Arc<ClusterCounters> {
+        let name = envoy_stat_name(cluster);
+        // A poisoned lock only means a panic elsewhere while inserting; the map is still valid.
+        if let Some(c) = self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+        {
+            return c.clone();
+        }
+        self.clusters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default()
+            .clone()
+    }
+
+    /// A connection to an endpoint of `cluster` was established (Envoy's `upstream_cx_total`
+    /// counts attempts: failed ones are added by [`Stats::upstream_connect_failed`]).
+    pub fn upstream_connected(&self, cluster: &str) {
+        self.cluster(cluster)
+            .upstream_cx_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A flow of `cluster` ended: bytes received from the client (`rx`) and sent to it (`tx`).
+    pub fn flow_bytes(&self, cluster: &str, rx: u64, tx: u64) {
+        let c = self.cluster(cluster);
+        c.downstream_rx_bytes.fetch_add(rx, Ordering::Relaxed);
+        c.downstream_tx_bytes.fetch_add(tx, Ordering::Relaxed);
+    }
+
+    /// The Envoy-named series, in the text format.
+    fn encode_envoy(&self, out: &mut String) {
+        let listener = self
+            .listener_address
+            .get()
+            .map(|a| format!("{{envoy_listener_address=\"{}\"}}", label_value(a)))
+            .unwrap_or_default();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        metric(
+            "envoy_listener_downstream_cx_total",
+            "counter",
+            "Downstream connections accepted (Envoy name)",
+            &[(listener.clone(), self.downstream_cx.get())],
+        );
+        metric(
+            "envoy_listener_downstream_cx_active",
+            "gauge",
+            "Downstream connections open now (Envoy name)",
+            &[(
+                listener,
+                u64::try_from(self.downstream_cx_active.get()).unwrap_or(0),
+            )],
+        );
+        let clusters: Vec<(String, Arc<ClusterCounters>)> = self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (label_value(k), v.clone()))
+            .collect();
+        let rows = |label: &str, f: &dyn Fn(&ClusterCounters) -> u64| -> Vec<(String, u64)> {
+            clusters
+                .iter()
+                .map(|(name, c)| (format!("{{{label}=\"{name}\"}}"), f(c)))
+                .collect()
+        };
+        metric(
+            "envoy_tcp_downstream_cx_rx_bytes_total",
+            "counter",
+            "Bytes received from clients, counted when each flow ends (Envoy name)",
+            &rows("envoy_tcp_prefix", &|c| {
+                c.downstream_rx_bytes.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_tcp_downstream_cx_tx_bytes_total",
+            "counter",
+            "Bytes sent to clients, counted when each flow ends (Envoy name)",
+            &rows("envoy_tcp_prefix", &|c| {
+                c.downstream_tx_bytes.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_cluster_upstream_cx_total",
+            "counter",
+            "Connection attempts to endpoints, failed ones included (Envoy name)",
+            &rows("envoy_cluster_name", &|c| {
+                c.upstream_cx_total.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_cluster_upstream_cx_connect_fail",
+            "counter",
+            "Failed connection attempts to endpoints (Envoy name)",
+            &rows("envoy_cluster_name", &|c| {
+                c.upstream_cx_connect_fail.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_server_uptime",
+            "gauge",
+            "Seconds since the agent started (Envoy name)",
+            &[(String::new(), self.started.elapsed().as_secs())],
+        );
+        metric(
+            "envoy_server_memory_heap_size",
+            "gauge",
+            "The agent's resident set size in bytes (Envoy reports its heap; the agent reports RSS, which includes it)",
+            &[(String::new(), resident_bytes())],
+        );
+        metric(
+            "envoy_control_plane_connected_state",
+            "gauge",
+            "1 while connected to a control plane; always 0: the agent reads its routes from files",
+            &[(String::new(), 0)],
+        );
     }
 
     pub fn splice_integrity_error(&self) {
@@ -284,6 +479,11 @@ impl Stats {
 
     pub fn upstream_connect_failed(&self) {
         self.upstream_connect_failures.inc();
+        let _ = UPSTREAM_CLUSTER.try_with(|cluster| {
+            let c = self.cluster(cluster);
+            c.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
+            c.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+        });
     }
 
     pub fn upstream_unavailable(&self) {
@@ -302,8 +502,25 @@ impl Stats {
         let mut out = String::new();
         // Encoding into a String cannot fail (fmt::Write for String is infallible).
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // The Envoy-named series go before OpenMetrics' `# EOF` terminator (a plain comment to the
+        // 0.0.4 text parser Prometheus uses for our content type), so both parsers see them.
+        let eof = out.rfind("# EOF").unwrap_or(out.len());
+        let mut envoy = String::new();
+        self.encode_envoy(&mut envoy);
+        out.insert_str(eof, &envoy);
         out
     }
+}
+
+/// The process's resident set size, from `/proc/self/statm` (0 where it cannot be read).
+fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -334,5 +551,39 @@ mod tests {
             text.contains("zone_ingress_userspace_copied_bytes_total{datapath=\"userspace\"} 42"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn envoy_names_with_envoy_labels() {
+        let s = Stats::new();
+        s.set_listener_address("0.0.0.0:10001".parse().unwrap());
+        s.connection_opened();
+        s.upstream_connected("default:backend");
+        in_cluster("default:backend".into(), async {
+            s.upstream_connect_failed()
+        })
+        .await;
+        // Outside a cluster scope only the zone_ingress counter moves.
+        s.upstream_connect_failed();
+        s.flow_bytes("default:backend", 517, 42);
+        let text = s.encode();
+        for line in [
+            "envoy_listener_downstream_cx_total{envoy_listener_address=\"0.0.0.0_10001\"} 1",
+            "envoy_listener_downstream_cx_active{envoy_listener_address=\"0.0.0.0_10001\"} 1",
+            "envoy_tcp_downstream_cx_rx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 517",
+            "envoy_tcp_downstream_cx_tx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 42",
+            "envoy_cluster_upstream_cx_total{envoy_cluster_name=\"default_backend\"} 2",
+            "envoy_cluster_upstream_cx_connect_fail{envoy_cluster_name=\"default_backend\"} 1",
+            "zone_ingress_upstream_connect_failures_total 2",
+            "envoy_control_plane_connected_state 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        let heap = text
+            .lines()
+            .find_map(|l| l.strip_prefix("envoy_server_memory_heap_size "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(heap.is_some_and(|h| h > 0), "{text}");
     }
 }
