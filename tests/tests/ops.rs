@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use zone_ingress_tests::agent::{Agent, Datapath, Metrics, Options, Route};
+use zone_ingress_tests::agent::{Agent, Datapath, Metrics, Options, Route, http_get};
 use zone_ingress_tests::datapath_tests;
 use zone_ingress_tests::netns::{CLIENT_V4, Topology};
 use zone_ingress_tests::pki::{SNI_BACKEND, SNI_OTHER, SNI_UNKNOWN};
@@ -637,6 +637,70 @@ async fn drain_deadline_half_closes_userspace_flows() {
         assert_eq!(text(&flow, "end"), "closed", "{flow:?}");
         assert_eq!(num(&flow, "bytes_up"), (hello.len() + 4) as f64, "{flow:?}");
         assert_eq!(num(&flow, "bytes_down"), 12.0, "{flow:?}");
+    })
+    .await
+}
+
+// 4. `/ready` also answers on networking.address:<admin port> (Kuma's K8s probe), nothing else of
+//    the admin API does; `/config_dump` and `/clusters` on 127.0.0.1 show the routes in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_ready_on_pod_address_config_dump_and_clusters() {
+    zone_ingress_tests::run_test(Duration::from_secs(60), async {
+        let topo = Topology::new();
+        let backend = Topology::backend_addr(BACKEND_PORT);
+        let agent = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[backend])],
+            Options::new(Datapath::Userspace),
+        )
+        .await;
+        let public = std::net::SocketAddr::new(
+            zone_ingress_tests::netns::INGRESS_V4.into(),
+            zone_ingress_tests::agent::ADMIN_PORT,
+        );
+        let (code, body) = http_get(&topo.client, public, "/ready")
+            .await
+            .expect("GET /ready on the pod address");
+        assert_eq!((code, body.trim()), (200, "READY"));
+        for path in ["/stats/prometheus", "/config_dump", "/clusters"] {
+            let (code, _) = http_get(&topo.client, public, path)
+                .await
+                .expect("GET on the pod address");
+            assert_eq!(code, 404, "{path} must not be served on the pod address");
+        }
+
+        let (code, dump) = agent.get("/config_dump").await.expect("GET /config_dump");
+        assert_eq!(code, 200, "{dump}");
+        for needle in [
+            "\"zone_ingress\"".to_string(),
+            "\"name\": \"zi-test\"".to_string(),
+            format!("\"listener\": \"{}\"", agent.addr()),
+            format!("\"sni\": \"{SNI_BACKEND}\""),
+            format!("\"{backend}\""),
+        ] {
+            assert!(
+                dump.contains(&needle),
+                "{needle} missing from /config_dump:\n{dump}"
+            );
+        }
+        assert!(!dump.to_lowercase().contains("token"), "{dump}");
+
+        let (code, clusters) = agent.get("/clusters").await.expect("GET /clusters");
+        assert_eq!(code, 200);
+        assert!(
+            clusters.contains(&format!("{SNI_BACKEND}::{backend}::health_flags::healthy")),
+            "{clusters}"
+        );
+        let (code, json) = agent
+            .get("/clusters?format=json")
+            .await
+            .expect("GET /clusters?format=json");
+        assert_eq!(code, 200);
+        assert!(json.contains("\"cluster_statuses\""), "{json}");
+        assert!(
+            json.contains(&format!("\"port_value\": {BACKEND_PORT}")),
+            "{json}"
+        );
     })
     .await
 }

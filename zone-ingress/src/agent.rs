@@ -111,9 +111,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let admin_listener = admin::bind(admin_addr).await?;
     tokio::spawn(admin::serve(
         admin_listener,
-        readiness.clone(),
-        stats.clone(),
+        admin::AdminState {
+            readiness: readiness.clone(),
+            stats: stats.clone(),
+            routes: routes.clone(),
+            zone_ingress: Arc::new(zi.clone()),
+            listen,
+        },
     ));
+    // Kuma's K8s probe hits podIP:<admin port>/ready. A loopback address is already covered by
+    // the admin API; a wildcard one would also expose it (and clash with the 127.0.0.1 bind).
+    let address = zi.networking.address;
+    if address.is_unspecified() {
+        tracing::info!(%address, "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
+    } else if !address.is_loopback() {
+        let ready_addr = SocketAddr::new(address, zi.networking.admin.port);
+        let ready_listener = admin::bind(ready_addr).await?;
+        tokio::spawn(admin::serve_ready_only(ready_listener, readiness.clone()));
+    }
 
     if let Some(path) = opts.routes.clone() {
         tokio::spawn(reload::watch_routes_file(
