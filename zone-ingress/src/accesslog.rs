@@ -348,6 +348,15 @@ mod tests {
         assert!(line.ends_with("end=rejected reason=unknown_sni"), "{line}");
     }
 
+    #[test]
+    fn dash_is_stdout() {
+        assert_eq!(Sink::parse("-"), Sink::Stdout);
+        assert_eq!(
+            Sink::parse("/var/log/zi.log"),
+            Sink::File(PathBuf::from("/var/log/zi.log"))
+        );
+    }
+
     #[tokio::test]
     async fn full_queue_drops_and_counts() {
         let stats = Arc::new(Stats::new());
