@@ -551,10 +551,20 @@ async fn drain_completes_live_transfer_and_refuses_new() {
     .await
 }
 
-// 3. Drain time over with a flow still open (userspace): the agent half-closes both sides after
-//    the bytes already forwarded, so both peers see a FIN (not a reset), then exits.
+// 3. Drain time over with a flow still open (both datapaths: the peers behave like TLS peers, so
+//    `sockmap` splices the flow): the agent half-closes both sides after the bytes already
+//    forwarded, so both peers see a FIN (not a reset), then exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_half_closes_userspace_flows() {
+    drain_deadline_half_closes(Datapath::Userspace).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_half_closes_spliced_flows() {
+    drain_deadline_half_closes(Datapath::Sockmap).await
+}
+
+async fn drain_deadline_half_closes(dp: Datapath) {
     zone_ingress_tests::run_test(Duration::from_secs(60), async {
         let topo = Topology::new();
         let backend = Topology::backend_addr(BACKEND_PORT);
@@ -563,7 +573,7 @@ async fn drain_deadline_half_closes_userspace_flows() {
         let listener = topo.backend.listen(backend).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("access.log");
-        let mut opts = Options::new(Datapath::Userspace);
+        let mut opts = Options::new(dp);
         opts.extra_args = access_log_args(&log);
         opts.extra_args.extend(["--drain-time".into(), "1s".into()]);
         let mut agent =
@@ -635,6 +645,12 @@ async fn drain_deadline_half_closes_userspace_flows() {
             .find(|o| o.get("sni").and_then(Json::str) == Some(SNI_BACKEND))
             .unwrap_or_else(|| panic!("no line for the drained flow:\n{lines}"));
         assert_eq!(text(&flow, "end"), "closed", "{flow:?}");
+        let datapath = if dp == Datapath::Sockmap {
+            "sockmap"
+        } else {
+            "userspace"
+        };
+        assert_eq!(text(&flow, "datapath"), datapath, "{flow:?}");
         assert_eq!(num(&flow, "bytes_up"), (hello.len() + 4) as f64, "{flow:?}");
         assert_eq!(num(&flow, "bytes_down"), 12.0, "{flow:?}");
     })

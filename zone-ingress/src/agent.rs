@@ -187,9 +187,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .await
         .is_err()
     {
-        // Userspace-copied flows half-close both sides after the bytes they hold (see
-        // listener::copy_until_drained) and get DRAIN_GRACE to deliver them. Spliced flows do
-        // not observe the signal yet and end with the process.
+        // Flows half-close both sides after the bytes they hold (userspace: see
+        // listener::copy_until_drained; spliced: once the redirect queues reached the TCP
+        // streams, see Splicer::run) and get DRAIN_GRACE to deliver them.
         tracing::warn!(
             remaining = flows.count(),
             grace = ?DRAIN_GRACE,

@@ -255,7 +255,10 @@ async fn move_bytes(
         Some(splicer) => match splicer.handoff(down, up, initial).await {
             Ok(flow) => {
                 ingress.stats.flow_started(DatapathKind::Sockmap);
-                return (DatapathKind::Sockmap, splicer.run(flow).await);
+                return (
+                    DatapathKind::Sockmap,
+                    splicer.run(flow, ingress.drain.clone()).await,
+                );
             }
             Err(Refusal::Fallback {
                 down,

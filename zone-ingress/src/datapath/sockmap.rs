@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use zone_ingress_common::{FlowCtrl, FlowSide};
 
 use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
@@ -320,8 +320,10 @@ impl Splicer {
     }
 
     /// Watches a spliced flow until both directions ended (FIN forwarded after the data) or one
-    /// side broke (both reset). Removes the flow's map entries at the end.
-    pub async fn run(&self, flow: SplicedFlow) -> FlowSummary {
+    /// side broke (both reset), or `drain` turns true (the agent's drain time is over): then both
+    /// sides get a FIN once everything already redirected has reached their TCP streams. Removes
+    /// the flow's map entries at the end.
+    pub async fn run(&self, flow: SplicedFlow, mut drain: watch::Receiver<bool>) -> FlowSummary {
         let SplicedFlow {
             down,
             up,
@@ -334,16 +336,48 @@ impl Splicer {
         // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
         let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
         let to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
+        let drained = async {
+            // A dropped sender means nobody will ask this flow to drain.
+            if drain.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         // The first error ends the flow at once: the other direction may be idle forever (its
         // peer waiting), and the reset is what tells it the stream broke.
-        let result = tokio::try_join!(to_up.run(), to_down.run());
-        let (end, copied_up, copied_down) = match result {
-            Ok((u, d)) => (FlowEnd::Closed, u.copied, d.copied),
-            Err(e) => {
-                tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
-                reset(&down);
-                reset(&up);
-                (FlowEnd::Reset, 0, 0)
+        let (end, copied_up, copied_down) = tokio::select! {
+            result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
+                Ok((u, d)) => (FlowEnd::Closed, u.copied, d.copied),
+                Err(e) => {
+                    tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
+                    reset(&down);
+                    reset(&up);
+                    (FlowEnd::Reset, 0, 0)
+                }
+            },
+            () = drained => {
+                // Armed flows never pass bytes to the agent, so the agent wrote only the replayed
+                // bytes; the redirect queues drain into the TCP streams, then both get a FIN.
+                let queues = [
+                    (down_cookie, &up, initial, 1),
+                    (up_cookie, &down, initial_down, 0),
+                ];
+                for (src_cookie, dst, agent_written, dst_syn) in queues {
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    while Instant::now() < deadline {
+                        let in_tcp = tcp_stream_bytes(dst).map(|b| b.saturating_sub(dst_syn));
+                        let side = self.side(src_cookie);
+                        match in_tcp {
+                            Ok(b) if b < side.redirected_bytes + agent_written => {
+                                tokio::time::sleep(Duration::from_micros(200)).await
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                for s in [&up, &down] {
+                    let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
+                }
+                (FlowEnd::Closed, 0, 0)
             }
         };
         let (d, u) = (self.side(down_cookie), self.side(up_cookie));
