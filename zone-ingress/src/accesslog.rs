@@ -62,7 +62,7 @@ pub enum End {
 }
 
 impl End {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             End::Closed => "closed",
             End::Reset => "reset",

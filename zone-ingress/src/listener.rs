@@ -142,10 +142,11 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     let hello = match read_client_hello(&mut down, &ingress.hello_limits).await {
         Ok(h) => h,
         Err(e) => {
-            ingress.stats.rejected(RejectReason::from_label(e.reason()));
+            let reason = RejectReason::from_label(e.reason());
+            ingress.stats.rejected(reason);
             tracing::debug!(%peer, reason = e.reason(), error = %e, "closing connection: no routable ClientHello");
             let mut entry = accesslog::Entry::new(started_at, peer, accesslog::End::Rejected);
-            entry.reason = Some(RejectReason::from_label(e.reason()).as_str());
+            entry.reason = Some(reason.as_str());
             entry.duration_ms = start.elapsed();
             ingress.access_log.log(entry);
             return;
@@ -169,12 +170,7 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         return;
     };
     drop(table);
-    // Scoped so failed attempts (failovers included) count against this route's cluster.
-    let connected = crate::stats::in_cluster(
-        route.cluster.clone(),
-        upstream::connect(&route, ingress.connect_timeout, &ingress.stats),
-    )
-    .await;
+    let connected = upstream::connect(&route, ingress.connect_timeout, &ingress.stats).await;
     let (up, endpoint) = match connected {
         Ok(c) => c,
         Err(e) => {
@@ -211,7 +207,7 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         bytes_down = summary.bytes_down,
         copied = summary.copied,
         duration = ?summary.duration,
-        end = if summary.end == FlowEnd::Closed { "closed" } else { "reset" },
+        end = end.as_str(),
         "flow finished"
     );
     if ingress.access_log.is_enabled() {

@@ -15,18 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
-tokio::task_local! {
-    /// The cluster whose endpoints the current task is connecting to. `upstream::connect` reports
-    /// failed attempts without naming the cluster; the listener runs it inside [`in_cluster`] so
-    /// the per-cluster Envoy counter sees every attempt, failovers included.
-    static UPSTREAM_CLUSTER: Arc<str>;
-}
-
-/// Runs `f` with connect failures attributed to `cluster`.
-pub async fn in_cluster<F: std::future::Future>(cluster: Arc<str>, f: F) -> F::Output {
-    UPSTREAM_CLUSTER.scope(cluster, f).await
-}
-
 /// Envoy's per-cluster (and per tcp_proxy stat prefix) counters, for the Envoy-named metrics.
 #[derive(Debug, Default)]
 struct ClusterCounters {
@@ -477,13 +465,12 @@ impl Stats {
             .inc_by(bytes);
     }
 
-    pub fn upstream_connect_failed(&self) {
+    /// A connection attempt to an endpoint of `cluster` failed (each failover attempt counts).
+    pub fn upstream_connect_failed(&self, cluster: &str) {
         self.upstream_connect_failures.inc();
-        let _ = UPSTREAM_CLUSTER.try_with(|cluster| {
-            let c = self.cluster(cluster);
-            c.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
-            c.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
-        });
+        let c = self.cluster(cluster);
+        c.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
+        c.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_unavailable(&self) {
@@ -553,18 +540,15 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn envoy_names_with_envoy_labels() {
+    #[test]
+    fn envoy_names_with_envoy_labels() {
         let s = Stats::new();
         s.set_listener_address("0.0.0.0:10001".parse().unwrap());
         s.connection_opened();
         s.upstream_connected("default:backend");
-        in_cluster("default:backend".into(), async {
-            s.upstream_connect_failed()
-        })
-        .await;
-        // Outside a cluster scope only the zone_ingress counter moves.
-        s.upstream_connect_failed();
+        s.upstream_connect_failed("default:backend");
+        // Another cluster's failure moves the zone_ingress total, not default:backend's counters.
+        s.upstream_connect_failed("other:svc");
         s.flow_bytes("default:backend", 517, 42);
         let text = s.encode();
         for line in [

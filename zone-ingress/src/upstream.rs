@@ -49,7 +49,7 @@ pub async fn connect(
                 return Ok((stream, endpoint));
             }
             Err(reason) => {
-                stats.upstream_connect_failed();
+                stats.upstream_connect_failed(&route.cluster);
                 tracing::debug!(sni = %route.sni, %endpoint, %reason, "endpoint connect failed, trying the next");
                 attempts.push((endpoint, reason));
             }
