@@ -221,27 +221,41 @@ fn spawn_bpf_logger(ebpf: &mut Ebpf) {
             return;
         }
     };
+    spawn_ring_reader(
+        logger,
+        |logger| logger.flush(),
+        |e| tracing::warn!(error = %e, "cannot poll the BPF log ring buffer"),
+    );
+}
+
+/// Spawns a task that calls `on_ready` each time the BPF ring buffer owned by `source` has
+/// records. `on_error` reports why it could not be polled (no runtime, registration failed).
+pub(crate) fn spawn_ring_reader<T>(
+    source: T,
+    mut on_ready: impl FnMut(&mut T) + Send + 'static,
+    on_error: impl FnOnce(io::Error) + Send + 'static,
+) where
+    T: std::os::fd::AsRawFd + Send + 'static,
+{
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        on_error(io::Error::other("no async runtime"));
         return;
     };
     handle.spawn(async move {
-        // SAFETY: the logger owns its ring buffer fd, which stays open and unchanged for as long as
-        // the AsyncFd owns the logger.
+        // SAFETY: `source` owns its ring buffer fd, which stays open and unchanged for as long as
+        // the AsyncFd owns `source`.
         let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+            tokio::io::unix::AsyncFd::register_with_interest(source, tokio::io::Interest::READABLE)
         };
         let mut fd = match registered {
             Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot poll the BPF log ring buffer");
-                return;
-            }
+            Err(e) => return on_error(e.into()),
         };
         loop {
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
-            guard.get_inner_mut().flush();
+            on_ready(guard.get_inner_mut());
             guard.clear_ready();
         }
     });

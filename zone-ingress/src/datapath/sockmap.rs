@@ -36,9 +36,6 @@ use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
 use crate::bpf::BpfPrograms;
 use crate::stats::Stats;
 
-/// Default bytes one direction of a spliced flow may park in the kernel's redirect queue.
-pub const DEFAULT_BUDGET: u64 = 4 * 1024 * 1024;
-
 /// How often a hot direction's redirect queue is measured.
 const HOT_TICK: Duration = Duration::from_millis(1);
 /// A direction that redirected nothing for this long (and is not clamped) stops being watched.
@@ -110,7 +107,6 @@ pub struct Splicer {
     socks: Mutex<SockHash<MapData, u64>>,
     flows: Mutex<HashMap<MapData, u64, FlowSide>>,
     ctrl: Mutex<HashMap<MapData, u64, FlowCtrl>>,
-    events: Mutex<Option<RingBuf<MapData>>>,
     /// Source socket cookie -> the direction watching it, woken by a limit event.
     watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
     budget: u64,
@@ -160,57 +156,33 @@ impl Splicer {
             socks: Mutex::new(socks),
             flows: Mutex::new(flows),
             ctrl: Mutex::new(ctrl),
-            events: Mutex::new(Some(events)),
             watchers: Mutex::new(StdHashMap::new()),
             budget: budget.max(1),
             stats,
             _ebpf: ebpf,
         });
-        splicer.clone().spawn_event_reader();
+        Self::spawn_event_reader(splicer.clone(), events);
         splicer
     }
 
-    pub fn budget(&self) -> u64 {
-        self.budget
-    }
-
     /// Reads limit events from the ring buffer and wakes the direction they concern.
-    fn spawn_event_reader(self: Arc<Self>) {
-        let Some(ring) = lock(&self.events).take() else {
-            return;
-        };
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("no async runtime: flow-control events are not read");
-            return;
-        };
-        handle.spawn(async move {
-            // SAFETY: the ring buffer owns its fd, which stays open and unchanged while the AsyncFd
-            // owns the ring buffer.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-            };
-            let mut fd = match registered {
-                Ok(fd) => fd,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot poll the flow-control ring buffer: slow receivers are not throttled");
-                    return;
-                }
-            };
-            loop {
-                let Ok(mut guard) = fd.readable_mut().await else { return };
-                let ring = guard.get_inner_mut();
+    fn spawn_event_reader(splicer: Arc<Self>, ring: RingBuf<MapData>) {
+        crate::bpf::spawn_ring_reader(
+            ring,
+            move |ring: &mut RingBuf<MapData>| {
                 while let Some(item) = ring.next() {
-                    let Some(bytes) = item.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                    let Some(bytes) = item.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    else {
                         continue;
                     };
                     let cookie = u64::from_ne_bytes(bytes);
-                    if let Some(n) = lock(&self.watchers).get(&cookie) {
+                    if let Some(n) = lock(&splicer.watchers).get(&cookie) {
                         n.notify_one();
                     }
                 }
-                guard.clear_ready();
-            }
-        });
+            },
+            |e| tracing::error!(error = %e, "cannot poll the flow-control ring buffer: slow receivers are not throttled"),
+        );
     }
 
     /// Hands the pair to the kernel.
@@ -363,15 +335,13 @@ impl Splicer {
                 ];
                 for (src_cookie, dst, agent_written, dst_syn) in queues {
                     let deadline = Instant::now() + Duration::from_secs(1);
-                    while Instant::now() < deadline {
-                        let in_tcp = tcp_stream_bytes(dst).map(|b| b.saturating_sub(dst_syn));
-                        let side = self.side(src_cookie);
-                        match in_tcp {
-                            Ok(b) if b < side.redirected_bytes + agent_written => {
-                                tokio::time::sleep(Duration::from_micros(200)).await
-                            }
-                            _ => break,
-                        }
+                    while Instant::now() < deadline
+                        && matches!(
+                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn),
+                            Ok(false)
+                        )
+                    {
+                        tokio::time::sleep(Duration::from_micros(200)).await
                     }
                 }
                 for s in [&up, &down] {
@@ -389,6 +359,22 @@ impl Splicer {
             copied: initial + initial_down + copied_up + copied_down,
             duration: started.elapsed(),
         }
+    }
+
+    /// Whether every byte redirected from `src_cookie`'s socket, plus the `agent_written` bytes,
+    /// has entered `dst`'s TCP send stream (`dst_syn`: 1 if `dst` sent the SYN, which its acked
+    /// bytes count). Stream bytes are read before the redirected count: both only grow, so a
+    /// count read later can only make the answer "not yet", never a premature "yes".
+    fn redirects_in_tcp(
+        &self,
+        src_cookie: u64,
+        dst: &TcpStream,
+        agent_written: u64,
+        dst_syn: u64,
+    ) -> io::Result<bool> {
+        let in_tcp = tcp_stream_bytes(dst)?.saturating_sub(dst_syn);
+        let side = self.side(src_cookie);
+        Ok(in_tcp >= side.redirected_bytes + agent_written)
     }
 
     /// The kernel's view of one side (zeros if the entry is gone).
@@ -701,9 +687,13 @@ impl<'a> Direction<'a> {
     async fn wait_redirects_in_tcp(&self) -> io::Result<()> {
         let mut delay = Duration::from_micros(50);
         loop {
-            let side = self.splicer.side(self.src_cookie);
-            let in_tcp = self.dst_stream_bytes()?;
-            if in_tcp >= side.redirected_bytes + self.agent_written {
+            let done = self.splicer.redirects_in_tcp(
+                self.src_cookie,
+                self.dst,
+                self.agent_written,
+                self.dst_syn,
+            )?;
+            if done {
                 return Ok(());
             }
             tokio::time::sleep(delay).await;
