@@ -1,11 +1,9 @@
 //! `#[repr(C)]` layouts of the pinned BPF maps, shared by the BPF programs (`no_std`) and the agent.
 //!
 //! Every value here is read by the kernel and by userspace, so a change of layout is a change of
-//! the pinned-map ABI: bump [`MAP_ABI_VERSION`] with it.
+//! the pinned maps' format. The agent replaces its pins at every start, so a running agent and its
+//! pins always agree; tools that read pins left by another build must check value sizes.
 #![no_std]
-
-/// Version of the pinned map layouts. The agent refuses to reuse pinned maps of another version.
-pub const MAP_ABI_VERSION: u32 = 1;
 
 /// Directory under bpffs where the agent pins its maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/zone-ingress";
