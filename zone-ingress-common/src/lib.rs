@@ -20,6 +20,14 @@ pub mod map_names {
     pub const EVENTS: &str = "ZI_EVENTS";
     /// Per-CPU program counters, indexed by [`super::ProgCounter`].
     pub const COUNTERS: &str = "ZI_COUNTERS";
+    /// Route id -> [`super::RouteInfo`] (SNI, cluster, agent-side counters), written by the agent.
+    pub const ROUTES: &str = "ZI_ROUTES";
+    /// Per-CPU array, route id -> [`super::RouteBytes`], added to by the verdict for every
+    /// redirected skb.
+    pub const ROUTE_BYTES: &str = "ZI_ROUTE_BYTES";
+    /// Downstream socket cookie -> [`super::FlowInfo`] (addresses, route, start, datapath), written
+    /// by the agent for every routed flow, spliced or copied.
+    pub const FLOW_INFO: &str = "ZI_FLOW_INFO";
 }
 
 /// Program names in the BPF object.
@@ -52,7 +60,164 @@ pub struct FlowSide {
     pub dropped_empty: u64,
     /// The limit the last event was sent for, so one limit produces one event.
     pub notified_limit: u64,
+    /// Index into `ZI_ROUTE_BYTES` of the flow's route ([`NO_ROUTE`]: none). Set by the agent.
+    pub route_id: u32,
+    /// Which way this socket's incoming bytes go: [`DIR_UP`] (client -> endpoint) or
+    /// [`DIR_DOWN`]. Set by the agent.
+    pub direction: u32,
 }
+
+/// [`FlowSide::direction`] of the client's socket: its bytes go to the endpoint.
+pub const DIR_UP: u32 = 0;
+/// [`FlowSide::direction`] of the endpoint's socket: its bytes go to the client.
+pub const DIR_DOWN: u32 = 1;
+
+/// Route ids are indices into `ZI_ROUTE_BYTES`, below this.
+pub const MAX_ROUTES: u32 = 4096;
+/// The route id of a flow whose route got no id (more than [`MAX_ROUTES`] routes at once).
+pub const NO_ROUTE: u32 = u32::MAX;
+
+/// Bytes the verdict redirected for one route, per CPU. Only the verdict writes it (the agent
+/// zeroes a slot before it reuses a route id that no flow holds any more).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteBytes {
+    /// Client -> endpoint.
+    pub up: u64,
+    /// Endpoint -> client.
+    pub down: u64,
+}
+
+/// Longest SNI or cluster name kept in [`RouteInfo`]; longer ones are cut (the length field keeps
+/// the full length, so a reader knows).
+pub const ROUTE_NAME_MAX: usize = 256;
+
+/// One route as the agent knows it: names and the counters only the agent sees. Only the agent
+/// writes it (whole values); the bytes the kernel moved are in `ZI_ROUTE_BYTES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// Flows handed to the kernel splice.
+    pub flows_spliced: u64,
+    /// Flows copied in userspace (the kernel refused them).
+    pub flows_userspace: u64,
+    /// Bytes the agent moved client -> endpoint: the replayed ClientHello of spliced flows, and
+    /// every byte of userspace flows (added when they end).
+    pub agent_bytes_up: u64,
+    /// Bytes the agent moved endpoint -> client.
+    pub agent_bytes_down: u64,
+    /// Full length of the SNI (may exceed [`ROUTE_NAME_MAX`]).
+    pub sni_len: u16,
+    /// Full length of the cluster name.
+    pub cluster_len: u16,
+    /// [`ROUTE_ACTIVE`] while the route is in the current table.
+    pub flags: u32,
+    pub sni: [u8; ROUTE_NAME_MAX],
+    pub cluster: [u8; ROUTE_NAME_MAX],
+}
+
+/// [`RouteInfo::flags`]: the route is in the agent's current route table (else it was removed by
+/// a reload and is kept for its counters and the flows still on it).
+pub const ROUTE_ACTIVE: u32 = 1;
+
+impl Default for RouteInfo {
+    fn default() -> Self {
+        Self {
+            flows_spliced: 0,
+            flows_userspace: 0,
+            agent_bytes_up: 0,
+            agent_bytes_down: 0,
+            sni_len: 0,
+            cluster_len: 0,
+            flags: 0,
+            sni: [0; ROUTE_NAME_MAX],
+            cluster: [0; ROUTE_NAME_MAX],
+        }
+    }
+}
+
+/// A socket address in a map value: IPv4 as an IPv4-mapped IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddr {
+    /// IPv6 address bytes (network order); IPv4 is `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Port, host order.
+    pub port: u16,
+    /// 4 or 6 (0: unknown).
+    pub family: u16,
+    pub _pad: u32,
+}
+
+impl SockAddr {
+    pub fn from_socket_addr(a: core::net::SocketAddr) -> Self {
+        let (addr, family) = match a.ip() {
+            core::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 4),
+            core::net::IpAddr::V6(v6) => (v6.octets(), 6),
+        };
+        Self {
+            addr,
+            port: a.port(),
+            family,
+            _pad: 0,
+        }
+    }
+
+    /// The address, or `None` for an unknown family (an entry never filled in).
+    pub fn to_socket_addr(&self) -> Option<core::net::SocketAddr> {
+        let v6 = core::net::Ipv6Addr::from(self.addr);
+        let ip = match self.family {
+            4 => core::net::IpAddr::V4(v6.to_ipv4_mapped()?),
+            6 => core::net::IpAddr::V6(v6),
+            _ => return None,
+        };
+        Some(core::net::SocketAddr::new(ip, self.port))
+    }
+}
+
+/// [`FlowInfo::datapath`]: the kernel splice moves the flow's bytes.
+pub const DATAPATH_SOCKMAP: u32 = 1;
+/// [`FlowInfo::datapath`]: the agent copies the flow's bytes in userspace.
+pub const DATAPATH_USERSPACE: u32 = 2;
+
+/// What an operator needs to know about one routed flow, keyed by the downstream (client) socket's
+/// cookie. Only the agent writes it; the verdict never reads it (its per-skb state is
+/// [`FlowSide`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Cookie of the endpoint socket (the spliced flow's second [`FlowSide`]).
+    pub up_cookie: u64,
+    /// When the flow was routed, nanoseconds since the Unix epoch.
+    pub started_unix_ns: u64,
+    /// Client -> endpoint bytes the agent moved itself: every byte of a userspace flow (updated
+    /// about once a second), the replayed ClientHello of a spliced flow (whose other bytes are in
+    /// the `FlowSide` of the client socket).
+    pub agent_bytes_up: u64,
+    /// Endpoint -> client bytes the agent moved itself.
+    pub agent_bytes_down: u64,
+    /// The flow's route (a `ZI_ROUTES` key), or [`NO_ROUTE`].
+    pub route_id: u32,
+    /// [`DATAPATH_SOCKMAP`] or [`DATAPATH_USERSPACE`].
+    pub datapath: u32,
+    /// The client (downstream peer).
+    pub client: SockAddr,
+    /// The ingress address the client connected to.
+    pub ingress: SockAddr,
+    /// The agent's address on the upstream connection.
+    pub local: SockAddr,
+    /// The endpoint (upstream peer).
+    pub upstream: SockAddr,
+}
+
+// Every value is a multiple of 8 bytes with no padding, so `bpftool map dump` shows whole u64
+// words and a reader can check a pinned map against these sizes.
+const _: () = assert!(core::mem::size_of::<FlowSide>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 16);
+const _: () = assert!(core::mem::size_of::<RouteBytes>() == 16);
+const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
+const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowInfo>() == 136);
 
 /// The agent's side of one socket's flow control. Only the agent writes it.
 #[repr(C)]
@@ -100,4 +265,11 @@ mod pod {
     unsafe impl aya::Pod for super::FlowSide {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowCtrl {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RouteBytes {}
+    // SAFETY: repr(C), u64 fields then u16/u16/u32 then byte arrays: no padding.
+    unsafe impl aya::Pod for super::RouteInfo {}
+    // SAFETY: repr(C), u64 fields, two u32, then SockAddrs (16 + 2 + 2 + 4 bytes, 8-aligned
+    // total): no padding.
+    unsafe impl aya::Pod for super::FlowInfo {}
 }

@@ -8,14 +8,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        BPF_F_NO_PREALLOC,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_parser, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use zone_ingress_common::{
-    EVENTS_BYTES, FlowCtrl, FlowSide, MAX_SOCKETS, PROG_COUNTERS, ProgCounter,
+    DIR_UP, EVENTS_BYTES, FlowCtrl, FlowInfo, FlowSide, MAX_ROUTES, MAX_SOCKETS, PROG_COUNTERS,
+    ProgCounter, RouteBytes, RouteInfo,
 };
 
 /// Spliced sockets, keyed by socket cookie.
@@ -37,6 +41,23 @@ static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// Program counters, per CPU (summed by the agent).
 #[map(name = "ZI_COUNTERS")]
 static ZI_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROG_COUNTERS, 0);
+
+/// Route id -> bytes redirected for the route, per CPU: one inlined array access per redirected
+/// skb, no atomics, no shared cache line.
+#[map(name = "ZI_ROUTE_BYTES")]
+static ZI_ROUTE_BYTES: PerCpuArray<RouteBytes> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+
+/// Route id -> SNI, cluster and the agent's own counters. Agent-only: declared here so the object
+/// carries every pinned map, never touched by the programs. Allocated as routes appear.
+#[map(name = "ZI_ROUTES")]
+static ZI_ROUTES: HashMap<u32, RouteInfo> =
+    HashMap::with_max_entries(MAX_ROUTES, BPF_F_NO_PREALLOC);
+
+/// Downstream socket cookie -> addresses, route, start and datapath of a routed flow. Agent-only,
+/// like `ZI_ROUTES`: the verdict's per-skb state stays in the small `ZI_FLOWS` value.
+#[map(name = "ZI_FLOW_INFO")]
+static ZI_FLOW_INFO: HashMap<u64, FlowInfo> =
+    HashMap::with_max_entries(MAX_SOCKETS / 2, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 fn count(counter: ProgCounter) {
@@ -104,9 +125,21 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     let mut peer = unsafe { (*side).peer_cookie };
     let verdict = ZI_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
-        unsafe {
+        let (route_id, direction) = unsafe {
             (*side).redirected_bytes += len;
             (*side).redirected_skbs += 1;
+            ((*side).route_id, (*side).direction)
+        };
+        // Out of range (NO_ROUTE) finds no slot: the agent accounts such flows itself.
+        if let Some(route) = ZI_ROUTE_BYTES.get_ptr_mut(route_id) {
+            // SAFETY: per-CPU slot, valid for the duration of the program.
+            unsafe {
+                if direction == DIR_UP {
+                    (*route).up += len;
+                } else {
+                    (*route).down += len;
+                }
+            }
         }
         count(ProgCounter::Redirected);
     } else {

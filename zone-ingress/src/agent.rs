@@ -101,7 +101,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let routes = Arc::new(RouteStore::new(table));
     let readiness = Arc::new(Readiness::default());
 
-    let splicer = load_datapath(&opts)?.map(|p| Splicer::new(p, opts.splice_budget, stats.clone()));
+    let splicer = load_datapath(&opts)?
+        .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
 
     let listen = zi.listen_addr();
     let listener = listener::bind(listen).with_context(|| {

@@ -8,10 +8,12 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use zone_ingress_common::{FlowCtrl, FlowSide, map_names, prog_names};
+use zone_ingress_common::{
+    FlowCtrl, FlowInfo, FlowSide, RouteBytes, RouteInfo, map_names, prog_names,
+};
 
 /// The BPF object built by `cargo xtask build` (empty when built without it).
 static BPF_OBJECT: &[u8] =
@@ -62,7 +64,24 @@ pub struct BpfPrograms {
     pub ctrl: HashMap<MapData, u64, FlowCtrl>,
     /// Limit events from the verdict program.
     pub events: RingBuf<MapData>,
+    /// Route id -> names and agent-side counters (agent-written).
+    pub routes: HashMap<MapData, u32, RouteInfo>,
+    /// Route id -> bytes the verdict redirected, per CPU.
+    pub route_bytes: PerCpuArray<MapData, RouteBytes>,
+    /// Downstream cookie -> what the ops tooling shows about a flow (agent-written).
+    pub flow_info: HashMap<MapData, u64, FlowInfo>,
 }
+
+/// Every map the agent pins (the ring buffer is not pinned: only the agent can consume it).
+pub const PINNED_MAPS: [&str; 7] = [
+    map_names::SOCKS,
+    map_names::FLOWS,
+    map_names::CTRL,
+    map_names::COUNTERS,
+    map_names::ROUTES,
+    map_names::ROUTE_BYTES,
+    map_names::FLOW_INFO,
+];
 
 impl std::fmt::Debug for BpfPrograms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,12 +113,7 @@ impl BpfPrograms {
         spawn_bpf_logger(&mut ebpf);
 
         // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
-        for name in [
-            map_names::SOCKS,
-            map_names::FLOWS,
-            map_names::CTRL,
-            map_names::COUNTERS,
-        ] {
+        for name in PINNED_MAPS {
             let map = ebpf.map(name).ok_or(BpfError::Map {
                 name,
                 detail: "not in the object".into(),
@@ -112,6 +126,9 @@ impl BpfPrograms {
         let flows = take_map(&mut ebpf, map_names::FLOWS, HashMap::try_from)?;
         let ctrl = take_map(&mut ebpf, map_names::CTRL, HashMap::try_from)?;
         let events = take_map(&mut ebpf, map_names::EVENTS, RingBuf::try_from)?;
+        let routes = take_map(&mut ebpf, map_names::ROUTES, HashMap::try_from)?;
+        let route_bytes = take_map(&mut ebpf, map_names::ROUTE_BYTES, PerCpuArray::try_from)?;
+        let flow_info = take_map(&mut ebpf, map_names::FLOW_INFO, HashMap::try_from)?;
 
         // The parser only selects the offset-aware read path (see the program's comment).
         // ZONE_INGRESS_SPLICE_PARSER=0 leaves it out, to compare the two paths.
@@ -141,6 +158,9 @@ impl BpfPrograms {
             flows,
             ctrl,
             events,
+            routes,
+            route_bytes,
+            flow_info,
         })
     }
 }
@@ -280,12 +300,7 @@ mod tests {
         let programs = BpfPrograms::load(&dir).unwrap_or_else(|e| {
             panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
         });
-        for name in [
-            map_names::SOCKS,
-            map_names::FLOWS,
-            map_names::CTRL,
-            map_names::COUNTERS,
-        ] {
+        for name in PINNED_MAPS {
             assert!(
                 dir.join(name).exists(),
                 "{name} is not pinned under {}",

@@ -19,7 +19,7 @@ use crate::accesslog::{self, AccessLog};
 
 use crate::datapath::sockmap::{Refusal, Splicer};
 use crate::datapath::{self, FlowEnd, FlowSummary};
-use crate::routes::RouteStore;
+use crate::routes::{Route, RouteStore};
 use crate::stats::{DatapathKind, RejectReason, Stats};
 use crate::tls::{HelloLimits, read_client_hello};
 use crate::upstream;
@@ -188,11 +188,11 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         }
     };
     ingress.stats.upstream_connected(&route.cluster);
-    let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed).await;
+    let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed, &route).await;
     ingress.stats.copied(kind, summary.copied);
-    ingress
-        .stats
-        .flow_bytes(&route.cluster, summary.bytes_up, summary.bytes_down);
+    // Spliced bytes are already in the kernel's route counters, read at scrape time.
+    let (rx, tx) = summary.uncounted();
+    ingress.stats.flow_bytes(&route.cluster, rx, tx);
     let end = if summary.end == FlowEnd::Closed {
         accesslog::End::Closed
     } else {
@@ -245,10 +245,11 @@ async fn move_bytes(
     down: TcpStream,
     up: TcpStream,
     initial: &[u8],
+    route: &Route,
 ) -> (DatapathKind, FlowSummary) {
     let (down, up, to_up, to_down) = match &ingress.splicer {
         None => (down, up, initial.to_vec(), Vec::new()),
-        Some(splicer) => match splicer.handoff(down, up, initial).await {
+        Some(splicer) => match splicer.handoff(down, up, initial, route).await {
             Ok(flow) => {
                 ingress.stats.flow_started(DatapathKind::Sockmap);
                 return (
@@ -275,6 +276,8 @@ async fn move_bytes(
                     bytes_up: 0,
                     bytes_down: 0,
                     copied: 0,
+                    kernel_counted_up: 0,
+                    kernel_counted_down: 0,
                     duration: std::time::Duration::ZERO,
                 };
                 return (DatapathKind::Sockmap, summary);
@@ -282,10 +285,20 @@ async fn move_bytes(
         },
     };
     ingress.stats.flow_started(DatapathKind::Userspace);
-    (
-        DatapathKind::Userspace,
-        copy_until_drained(ingress.drain.clone(), down, up, &to_up, &to_down).await,
-    )
+    // With the BPF maps loaded, the flow is shown in the flow map while it runs.
+    let tracked = ingress
+        .splicer
+        .as_ref()
+        .and_then(|s| Some((s, s.track_userspace(&down, &up, route)?)));
+    let progress = tracked
+        .as_ref()
+        .map_or_else(Default::default, |(_, t)| t.progress.clone());
+    let summary =
+        copy_until_drained(ingress.drain.clone(), down, up, &to_up, &to_down, &progress).await;
+    if let Some((splicer, flow)) = tracked {
+        splicer.end_userspace(flow, &summary);
+    }
+    (DatapathKind::Userspace, summary)
 }
 
 /// The userspace copy, ended cleanly when the drain time is over: both sockets stop reading
@@ -298,10 +311,11 @@ async fn copy_until_drained(
     up: TcpStream,
     to_up: &[u8],
     to_down: &[u8],
+    progress: &datapath::userspace::Progress,
 ) -> FlowSummary {
     use std::os::fd::AsRawFd;
     let fds = [down.as_raw_fd(), up.as_raw_fd()];
-    let copy = datapath::userspace::proxy(down, up, to_up, to_down);
+    let copy = datapath::userspace::proxy(down, up, to_up, to_down, progress);
     tokio::pin!(copy);
     let drained = async {
         // A dropped sender means the agent is not draining through this channel: never fire.

@@ -120,6 +120,10 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Reads the kernel's per-route byte counters, summed per cluster (client -> endpoint, endpoint
+/// -> client), when the spliced datapath is loaded.
+pub type KernelRouteBytes = Box<dyn Fn() -> BTreeMap<String, (u64, u64)> + Send + Sync>;
+
 /// All counters of one agent.
 pub struct Stats {
     registry: Registry,
@@ -140,6 +144,10 @@ pub struct Stats {
     /// Envoy's `envoy_listener_address` label value (`0.0.0.0_10001`), set once the agent binds.
     listener_address: OnceLock<String>,
     clusters: RwLock<BTreeMap<String, Arc<ClusterCounters>>>,
+    /// Bytes of spliced flows, live ones included, read from the kernel at each scrape. The
+    /// cluster counters then hold only what the kernel does not count (the replayed ClientHello,
+    /// userspace flows): see [`crate::datapath::FlowSummary::uncounted`].
+    kernel_route_bytes: OnceLock<KernelRouteBytes>,
 }
 
 impl Default for Stats {
@@ -258,6 +266,7 @@ impl Stats {
             started: Instant::now(),
             listener_address: OnceLock::new(),
             clusters: RwLock::new(BTreeMap::new()),
+            kernel_route_bytes: OnceLock::new(),
         }
     }
 
@@ -300,7 +309,13 @@ impl Stats {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A flow of `cluster` ended: bytes received from the client (`rx`) and sent to it (`tx`).
+    /// Sets where spliced flows' bytes are read at scrape time (first call wins).
+    pub fn set_kernel_route_bytes(&self, read: KernelRouteBytes) {
+        let _ = self.kernel_route_bytes.set(read);
+    }
+
+    /// A flow of `cluster` ended: bytes received from the client (`rx`) and sent to it (`tx`)
+    /// that the kernel's route counters do not already hold.
     pub fn flow_bytes(&self, cluster: &str, rx: u64, tx: u64) {
         let c = self.cluster(cluster);
         c.downstream_rx_bytes.fetch_add(rx, Ordering::Relaxed);
@@ -336,40 +351,62 @@ impl Stats {
                 u64::try_from(self.downstream_cx_active.get()).unwrap_or(0),
             )],
         );
-        let clusters: Vec<(String, Arc<ClusterCounters>)> = self
+        // Kernel first, agent counters second: a flow that ends in between moves nothing from one
+        // to the other (the kernel keeps what it counted), so each only grows.
+        let kernel: BTreeMap<String, (u64, u64)> = match self.kernel_route_bytes.get() {
+            Some(read) => {
+                let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+                for (cluster, (rx, tx)) in read() {
+                    let e = by_name.entry(envoy_stat_name(&cluster)).or_default();
+                    e.0 += rx;
+                    e.1 += tx;
+                }
+                by_name
+            }
+            None => BTreeMap::new(),
+        };
+        for name in kernel.keys() {
+            // A cluster whose only bytes so far are spliced ones still gets its rows.
+            let _ = self.cluster(name);
+        }
+        let clusters: Vec<(String, Arc<ClusterCounters>, (u64, u64))> = self
             .clusters
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(k, v)| (label_value(k), v.clone()))
+            .map(|(k, v)| {
+                let spliced = kernel.get(k).copied().unwrap_or_default();
+                (label_value(k), v.clone(), spliced)
+            })
             .collect();
-        let rows = |label: &str, f: &dyn Fn(&ClusterCounters) -> u64| -> Vec<(String, u64)> {
-            clusters
-                .iter()
-                .map(|(name, c)| (format!("{{{label}=\"{name}\"}}"), f(c)))
-                .collect()
-        };
+        let rows =
+            |label: &str, f: &dyn Fn(&ClusterCounters, (u64, u64)) -> u64| -> Vec<(String, u64)> {
+                clusters
+                    .iter()
+                    .map(|(name, c, k)| (format!("{{{label}=\"{name}\"}}"), f(c, *k)))
+                    .collect()
+            };
         metric(
             "envoy_tcp_downstream_cx_rx_bytes_total",
             "counter",
-            "Bytes received from clients, counted when each flow ends (Envoy name)",
-            &rows("envoy_tcp_prefix", &|c| {
-                c.downstream_rx_bytes.load(Ordering::Relaxed)
+            "Bytes received from clients: spliced flows live from the kernel's counters, userspace flows when they end (Envoy name)",
+            &rows("envoy_tcp_prefix", &|c, k| {
+                c.downstream_rx_bytes.load(Ordering::Relaxed) + k.0
             }),
         );
         metric(
             "envoy_tcp_downstream_cx_tx_bytes_total",
             "counter",
-            "Bytes sent to clients, counted when each flow ends (Envoy name)",
-            &rows("envoy_tcp_prefix", &|c| {
-                c.downstream_tx_bytes.load(Ordering::Relaxed)
+            "Bytes sent to clients: spliced flows live from the kernel's counters, userspace flows when they end (Envoy name)",
+            &rows("envoy_tcp_prefix", &|c, k| {
+                c.downstream_tx_bytes.load(Ordering::Relaxed) + k.1
             }),
         );
         metric(
             "envoy_cluster_upstream_cx_total",
             "counter",
             "Connection attempts to endpoints, failed ones included (Envoy name)",
-            &rows("envoy_cluster_name", &|c| {
+            &rows("envoy_cluster_name", &|c, _| {
                 c.upstream_cx_total.load(Ordering::Relaxed)
             }),
         );
@@ -377,7 +414,7 @@ impl Stats {
             "envoy_cluster_upstream_cx_connect_fail",
             "counter",
             "Failed connection attempts to endpoints (Envoy name)",
-            &rows("envoy_cluster_name", &|c| {
+            &rows("envoy_cluster_name", &|c, _| {
                 c.upstream_cx_connect_fail.load(Ordering::Relaxed)
             }),
         );
@@ -550,12 +587,21 @@ mod tests {
         // Another cluster's failure moves the zone_ingress total, not default:backend's counters.
         s.upstream_connect_failed("other:svc");
         s.flow_bytes("default:backend", 517, 42);
+        // Spliced bytes are read from the kernel at scrape time, live flows included.
+        s.set_kernel_route_bytes(Box::new(|| {
+            BTreeMap::from([
+                ("default:backend".to_string(), (1000, 2000)),
+                ("default:spliced-only".to_string(), (7, 8)),
+            ])
+        }));
         let text = s.encode();
         for line in [
             "envoy_listener_downstream_cx_total{envoy_listener_address=\"0.0.0.0_10001\"} 1",
             "envoy_listener_downstream_cx_active{envoy_listener_address=\"0.0.0.0_10001\"} 1",
-            "envoy_tcp_downstream_cx_rx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 517",
-            "envoy_tcp_downstream_cx_tx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 42",
+            "envoy_tcp_downstream_cx_rx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 1517",
+            "envoy_tcp_downstream_cx_tx_bytes_total{envoy_tcp_prefix=\"default_backend\"} 2042",
+            "envoy_tcp_downstream_cx_rx_bytes_total{envoy_tcp_prefix=\"default_spliced-only\"} 7",
+            "envoy_tcp_downstream_cx_tx_bytes_total{envoy_tcp_prefix=\"default_spliced-only\"} 8",
             "envoy_cluster_upstream_cx_total{envoy_cluster_name=\"default_backend\"} 2",
             "envoy_cluster_upstream_cx_connect_fail{envoy_cluster_name=\"default_backend\"} 1",
             "zone_ingress_upstream_connect_failures_total 2",

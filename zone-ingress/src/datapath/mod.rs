@@ -1,6 +1,8 @@
 //! Moving a routed flow's bytes: the userspace copy (always available, the fallback and the
 //! benchmark baseline) and the kernel splice (BPF SockHash + sk_skb verdict).
 
+pub mod flowinfo;
+pub mod routemap;
 pub mod sockmap;
 mod sockopt;
 pub mod userspace;
@@ -40,7 +42,22 @@ pub struct FlowSummary {
     /// Of those, bytes the agent copied through userspace (all of them on the userspace path; the
     /// ClientHello and any bytes passed while paused on the kernel path).
     pub copied: u64,
+    /// Of `bytes_up`/`bytes_down`, bytes the kernel already counted for the flow's route
+    /// (`ZI_ROUTE_BYTES`, summed into the Prometheus byte counters at scrape time); the rest is
+    /// added when the flow ends.
+    pub kernel_counted_up: u64,
+    pub kernel_counted_down: u64,
     pub duration: Duration,
+}
+
+impl FlowSummary {
+    /// Bytes (up, down) the kernel's route counters do not hold: to add when the flow ends.
+    pub fn uncounted(&self) -> (u64, u64) {
+        (
+            self.bytes_up.saturating_sub(self.kernel_counted_up),
+            self.bytes_down.saturating_sub(self.kernel_counted_down),
+        )
+    }
 }
 
 /// Resets a connection: SO_LINGER 0 makes the close send RST, so the peer learns the stream broke

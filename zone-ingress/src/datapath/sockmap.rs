@@ -30,10 +30,16 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
-use zone_ingress_common::{FlowCtrl, FlowSide};
+use zone_ingress_common::{
+    DATAPATH_SOCKMAP, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl, FlowSide, NO_ROUTE,
+};
 
+use super::flowinfo::{self, FlowRecords};
+use super::routemap::RouteMap;
+use super::userspace::Progress;
 use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
 use crate::bpf::BpfPrograms;
+use crate::routes::{Route, RouteStore};
 use crate::stats::Stats;
 
 /// How often a hot direction's redirect queue is measured.
@@ -42,6 +48,8 @@ const HOT_TICK: Duration = Duration::from_millis(1);
 const COOL_AFTER: Duration = Duration::from_millis(200);
 /// How long to wait for the verdict program to process the FIN after the agent saw EOF.
 const FIN_PROCESSED_WAIT: Duration = Duration::from_secs(2);
+/// How often the route map is brought in line with the current route table.
+const ROUTE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a flow could not be spliced (it then takes the userspace copy, or is reset).
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,10 @@ pub struct Splicer {
     watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
     budget: u64,
     stats: Arc<Stats>,
+    /// Route ids and the route entries of the ops maps.
+    routes: RouteMap,
+    /// The flow entries of the ops maps (spliced and userspace flows).
+    records: Arc<FlowRecords>,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
 }
@@ -134,6 +146,17 @@ pub struct SplicedFlow {
     /// Bytes the agent itself wrote to the client (anything the endpoint sent before the splice).
     initial_down: u64,
     started: Instant,
+    /// The flow's route id (counted in `ZI_ROUTE_BYTES`), or `NO_ROUTE`.
+    route_id: u32,
+}
+
+/// A flow the userspace copy carries while the BPF maps exist: recorded in the flow map with
+/// datapath `userspace` until [`Splicer::end_userspace`].
+pub struct UserspaceFlow {
+    cookie: u64,
+    route_id: u32,
+    /// The copy's live byte counts, published to the flow map about once a second.
+    pub progress: Arc<Progress>,
 }
 
 /// The outcome of one direction.
@@ -143,13 +166,23 @@ struct DirectionEnd {
 }
 
 impl Splicer {
-    pub fn new(programs: BpfPrograms, budget: u64, stats: Arc<Stats>) -> Arc<Self> {
+    /// Takes over the loaded programs. `route_store` is followed so the route map lists the
+    /// routes of the current table; `stats` sums the kernel's route counters at each scrape.
+    pub fn new(
+        programs: BpfPrograms,
+        budget: u64,
+        stats: Arc<Stats>,
+        route_store: Arc<RouteStore>,
+    ) -> Arc<Self> {
         let BpfPrograms {
             ebpf,
             socks,
             flows,
             ctrl,
             events,
+            routes,
+            route_bytes,
+            flow_info,
             ..
         } = programs;
         let splicer = Arc::new(Self {
@@ -158,11 +191,68 @@ impl Splicer {
             ctrl: Mutex::new(ctrl),
             watchers: Mutex::new(StdHashMap::new()),
             budget: budget.max(1),
-            stats,
+            stats: stats.clone(),
+            routes: RouteMap::new(routes, route_bytes),
+            records: FlowRecords::new(flow_info),
             _ebpf: ebpf,
         });
+        splicer.routes.sync(&route_store.load());
+        let weak = Arc::downgrade(&splicer);
+        stats.set_kernel_route_bytes(Box::new(move || {
+            weak.upgrade()
+                .map(|s| s.routes.kernel_bytes_by_cluster())
+                .unwrap_or_default()
+        }));
+        Self::spawn_route_sync(Arc::downgrade(&splicer), route_store);
         Self::spawn_event_reader(splicer.clone(), events);
         splicer
+    }
+
+    /// Keeps the route map in line with the current route table (a reload swaps the table).
+    fn spawn_route_sync(splicer: std::sync::Weak<Self>, store: Arc<RouteStore>) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(ROUTE_SYNC_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(splicer) = splicer.upgrade() else {
+                    return;
+                };
+                splicer.routes.sync(&store.load());
+            }
+        });
+    }
+
+    /// Records a flow the userspace copy is about to carry in the flow map (datapath
+    /// `userspace`). `None` when its socket cookie cannot be read: the flow runs unrecorded.
+    pub fn track_userspace(
+        &self,
+        down: &TcpStream,
+        up: &TcpStream,
+        route: &Route,
+    ) -> Option<UserspaceFlow> {
+        let cookie = socket_cookie(down).ok()?;
+        let up_cookie = socket_cookie(up).unwrap_or(0);
+        let route_id = self.routes.hold(route);
+        self.routes.started(route_id, DATAPATH_USERSPACE, 0, 0);
+        let progress = Arc::new(Progress::default());
+        let info = flowinfo::describe(down, up, up_cookie, route_id, DATAPATH_USERSPACE);
+        self.records.track_userspace(cookie, info, progress.clone());
+        Some(UserspaceFlow {
+            cookie,
+            route_id,
+            progress,
+        })
+    }
+
+    /// A userspace flow ended: its entry goes, its bytes go to its route.
+    pub fn end_userspace(&self, flow: UserspaceFlow, summary: &FlowSummary) {
+        self.records.untrack_userspace(flow.cookie);
+        self.routes
+            .release(flow.route_id, summary.bytes_up, summary.bytes_down);
     }
 
     /// Reads limit events from the ring buffer and wakes the direction they concern.
@@ -185,12 +275,13 @@ impl Splicer {
         );
     }
 
-    /// Hands the pair to the kernel.
+    /// Hands the pair to the kernel. `route` names the flow in the ops maps and its counters.
     pub async fn handoff(
         &self,
         down: TcpStream,
         up: TcpStream,
         initial: &[u8],
+        route: &Route,
     ) -> Result<SplicedFlow, Refusal> {
         // A receive-queue skb that a plain read consumed only in part is later handed to the
         // verdict whole (tcp_read_skb ignores the read offset): its prefix would be sent twice. So
@@ -217,15 +308,17 @@ impl Splicer {
                 });
             }
         };
+        let route_id = self.routes.hold(route);
         // Armed before inserted: from its first skb, every byte of the flow is redirected.
         let entries = self.set_ctrl(down_cookie, 1, self.budget).and_then(|_| {
             self.set_ctrl(up_cookie, 1, self.budget)?;
             let mut flows = lock(&self.flows);
-            flows.insert(down_cookie, side(up_cookie), 0)?;
-            flows.insert(up_cookie, side(down_cookie), 0)
+            flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
+            flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
         });
         if let Err(e) = entries {
             self.forget(down_cookie, up_cookie);
+            self.routes.release(route_id, 0, 0);
             return Err(Refusal::Fallback {
                 down,
                 up,
@@ -241,6 +334,7 @@ impl Splicer {
             if let Err(e) = socks.insert(up_cookie, up.as_raw_fd(), 0) {
                 drop(socks);
                 self.forget(down_cookie, up_cookie);
+                self.routes.release(route_id, 0, 0);
                 return Err(Refusal::Fallback {
                     down,
                     up,
@@ -254,6 +348,7 @@ impl Splicer {
                 reset(&down);
                 reset(&up);
                 self.forget(down_cookie, up_cookie);
+                self.routes.release(route_id, 0, 0);
                 return Err(Refusal::Abort {
                     reason: SpliceRefused::from_map_error(e),
                 });
@@ -276,18 +371,27 @@ impl Splicer {
             reset(&down);
             reset(&up);
             self.forget(down_cookie, up_cookie);
+            self.routes.release(route_id, 0, 0);
             return Err(Refusal::Abort {
                 reason: SpliceRefused::Other(format!("writing the replayed bytes: {e}")),
             });
         }
+        let (initial_up, initial_down) = (to_up.len() as u64, to_down.len() as u64);
+        self.routes
+            .started(route_id, DATAPATH_SOCKMAP, initial_up, initial_down);
+        let mut info = flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP);
+        info.agent_bytes_up = initial_up;
+        info.agent_bytes_down = initial_down;
+        self.records.insert(down_cookie, &info);
         Ok(SplicedFlow {
             down,
             up,
             down_cookie,
             up_cookie,
-            initial: to_up.len() as u64,
-            initial_down: to_down.len() as u64,
+            initial: initial_up,
+            initial_down,
             started: Instant::now(),
+            route_id,
         })
     }
 
@@ -304,6 +408,7 @@ impl Splicer {
             initial,
             initial_down,
             started,
+            route_id,
         } = flow;
         // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
         let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
@@ -351,12 +456,18 @@ impl Splicer {
             }
         };
         let (d, u) = (self.side(down_cookie), self.side(up_cookie));
+        self.records.remove(down_cookie);
         self.forget(down_cookie, up_cookie);
+        self.routes.release(route_id, copied_up, copied_down);
+        // The verdict added every redirected byte to the route's counters, if it had an id.
+        let counted = |redirected| if route_id == NO_ROUTE { 0 } else { redirected };
         FlowSummary {
             end,
             bytes_up: initial + d.redirected_bytes + copied_up,
             bytes_down: initial_down + u.redirected_bytes + copied_down,
             copied: initial + initial_down + copied_up + copied_down,
+            kernel_counted_up: counted(d.redirected_bytes),
+            kernel_counted_down: counted(u.redirected_bytes),
             duration: started.elapsed(),
         }
     }
@@ -403,9 +514,11 @@ impl Splicer {
     }
 }
 
-fn side(peer_cookie: u64) -> FlowSide {
+fn side(peer_cookie: u64, route_id: u32, direction: u32) -> FlowSide {
     FlowSide {
         peer_cookie,
+        route_id,
+        direction,
         ..FlowSide::default()
     }
 }

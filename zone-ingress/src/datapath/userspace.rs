@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::net::TcpStream;
@@ -15,6 +16,16 @@ use super::{FlowEnd, FlowSummary, reset, write_all};
 
 const MIN_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+
+/// Bytes a live copy has moved so far, each way (replayed bytes included), for the flow map. One
+/// relaxed add per write: nothing next to the write syscall.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Client -> endpoint.
+    pub up: AtomicU64,
+    /// Endpoint -> client.
+    pub down: AtomicU64,
+}
 
 #[derive(Debug, thiserror::Error)]
 enum PumpError {
@@ -28,8 +39,15 @@ enum PumpError {
 
 /// Moves bytes between `down` (client) and `up` (endpoint) until both directions have ended or
 /// one side breaks. `to_up` (the ClientHello and anything read with it) is written upstream first,
-/// `to_down` (bytes already read from the endpoint) to the client.
-pub async fn proxy(down: TcpStream, up: TcpStream, to_up: &[u8], to_down: &[u8]) -> FlowSummary {
+/// `to_down` (bytes already read from the endpoint) to the client. `progress` follows the bytes
+/// moved while the flow runs.
+pub async fn proxy(
+    down: TcpStream,
+    up: TcpStream,
+    to_up: &[u8],
+    to_down: &[u8],
+    progress: &Progress,
+) -> FlowSummary {
     let start = Instant::now();
     let replayed = match write_all(&up, to_up).await {
         Ok(()) => write_all(&down, to_down).await,
@@ -44,13 +62,17 @@ pub async fn proxy(down: TcpStream, up: TcpStream, to_up: &[u8], to_down: &[u8])
             bytes_up: 0,
             bytes_down: 0,
             copied: 0,
+            kernel_counted_up: 0,
+            kernel_counted_down: 0,
             duration: start.elapsed(),
         };
     }
     let mut bytes_up = to_up.len() as u64;
     let mut bytes_down = to_down.len() as u64;
-    let to_up = pump(&down, &up);
-    let to_down = pump(&up, &down);
+    progress.up.fetch_add(bytes_up, Ordering::Relaxed);
+    progress.down.fetch_add(bytes_down, Ordering::Relaxed);
+    let to_up = pump(&down, &up, &progress.up);
+    let to_down = pump(&up, &down, &progress.down);
     tokio::pin!(to_up, to_down);
     let (mut up_done, mut down_done) = (false, false);
     let mut end = FlowEnd::Closed;
@@ -78,12 +100,18 @@ pub async fn proxy(down: TcpStream, up: TcpStream, to_up: &[u8], to_down: &[u8])
         bytes_up,
         bytes_down,
         copied: bytes_up + bytes_down,
+        kernel_counted_up: 0,
+        kernel_counted_down: 0,
         duration: start.elapsed(),
     }
 }
 
 /// Copies `src` to `dst` until `src` ends (then half-closes `dst`) or an error.
-async fn pump(src: &TcpStream, dst: &TcpStream) -> Result<u64, (u64, PumpError)> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    progress: &AtomicU64,
+) -> Result<u64, (u64, PumpError)> {
     let mut total = 0u64;
     let mut size = MIN_BUF;
     let mut buf: Vec<u8> = Vec::new();
@@ -120,6 +148,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> Result<u64, (u64, PumpError)>
             return Err((total, PumpError::Write(e)));
         }
         total += n as u64;
+        progress.fetch_add(n as u64, Ordering::Relaxed);
         if n == size && size < MAX_BUF {
             size *= 2;
         } else if n < size / 8 && size > MIN_BUF {
@@ -146,7 +175,19 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = back.accept().await.unwrap();
-        let task = tokio::spawn(async move { proxy(down, up, b"hello", b"").await });
+        let task = tokio::spawn(async move {
+            let progress = Progress::default();
+            let summary = proxy(down, up, b"hello", b"", &progress).await;
+            assert_eq!(
+                (summary.bytes_up, summary.bytes_down),
+                (
+                    progress.up.load(Ordering::Relaxed),
+                    progress.down.load(Ordering::Relaxed)
+                ),
+                "live progress ends at the summary's counts"
+            );
+            summary
+        });
         (client, server, task)
     }
 
