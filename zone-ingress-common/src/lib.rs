@@ -259,6 +259,17 @@ pub enum ProgCounter {
 /// Number of [`ProgCounter`] slots.
 pub const PROG_COUNTERS: u32 = 7;
 
+/// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
+pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
+    "redirected",
+    "no_flow",
+    "dropped_empty",
+    "redirect_failed",
+    "passed",
+    "limit_events",
+    "events_lost",
+];
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data, repr(C), only u64 fields, no padding.

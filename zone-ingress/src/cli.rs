@@ -35,6 +35,8 @@ enum Command {
     Check(CheckArgs),
     /// Show the route table a file of xDS resources resolves to (SNI → cluster → endpoints).
     Routes(RoutesArgs),
+    /// Read the agent's pinned BPF maps: `maps dump routes|flows|stats [--json] [--pin-dir DIR]`.
+    Maps(crate::maps::MapsArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -146,6 +148,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Run(args) => run(args),
         Command::Routes(args) => routes(args),
+        Command::Maps(args) => crate::maps::main(args),
     }
 }
 

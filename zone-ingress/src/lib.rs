@@ -4,7 +4,8 @@
 //! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
 //! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
-//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables.
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables; [`maps`] reads
+//! the pinned BPF maps for operators (`zone-ingress maps dump`).
 
 pub mod accesslog;
 pub mod admin;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod listener;
+pub mod maps;
 pub mod reload;
 pub mod routes;
 pub mod stats;
