@@ -8,7 +8,12 @@ use anyhow::{Context, Result, bail};
 use crate::step;
 
 /// (command that must exist, Debian package that provides it)
-pub const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("openssl", "openssl")];
+/// `bpftool` reads the agent's pinned maps in tests/tests/maps.rs, as an operator would.
+pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("openssl", "openssl"),
+    ("bpftool", "bpftool"),
+];
 
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 

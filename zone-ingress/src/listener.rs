@@ -190,7 +190,7 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     ingress.stats.upstream_connected(&route.cluster);
     let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed, &route).await;
     ingress.stats.copied(kind, summary.copied);
-    // Spliced bytes are already in the kernel's route counters, read at scrape time.
+    // A spliced flow's bytes were counted while it ran (kernel route counters, read at scrape).
     let (rx, tx) = summary.uncounted();
     ingress.stats.flow_bytes(&route.cluster, rx, tx);
     let end = if summary.end == FlowEnd::Closed {
@@ -276,8 +276,8 @@ async fn move_bytes(
                     bytes_up: 0,
                     bytes_down: 0,
                     copied: 0,
-                    kernel_counted_up: 0,
-                    kernel_counted_down: 0,
+                    live_counted_up: 0,
+                    live_counted_down: 0,
                     duration: std::time::Duration::ZERO,
                 };
                 return (DatapathKind::Sockmap, summary);

@@ -42,20 +42,21 @@ pub struct FlowSummary {
     /// Of those, bytes the agent copied through userspace (all of them on the userspace path; the
     /// ClientHello and any bytes passed while paused on the kernel path).
     pub copied: u64,
-    /// Of `bytes_up`/`bytes_down`, bytes the kernel already counted for the flow's route
-    /// (`ZI_ROUTE_BYTES`, summed into the Prometheus byte counters at scrape time); the rest is
-    /// added when the flow ends.
-    pub kernel_counted_up: u64,
-    pub kernel_counted_down: u64,
+    /// Of `bytes_up`/`bytes_down`, bytes already in the Prometheus byte counters while the flow
+    /// ran: for a spliced flow, the replayed bytes (added at the handoff) and what the kernel
+    /// counted for its route (`ZI_ROUTE_BYTES`, summed at scrape time). The rest is added when
+    /// the flow ends.
+    pub live_counted_up: u64,
+    pub live_counted_down: u64,
     pub duration: Duration,
 }
 
 impl FlowSummary {
-    /// Bytes (up, down) the kernel's route counters do not hold: to add when the flow ends.
+    /// Bytes (up, down) not yet in the Prometheus byte counters: to add when the flow ends.
     pub fn uncounted(&self) -> (u64, u64) {
         (
-            self.bytes_up.saturating_sub(self.kernel_counted_up),
-            self.bytes_down.saturating_sub(self.kernel_counted_down),
+            self.bytes_up.saturating_sub(self.live_counted_up),
+            self.bytes_down.saturating_sub(self.live_counted_down),
         )
     }
 }

@@ -379,6 +379,10 @@ impl Splicer {
         let (initial_up, initial_down) = (to_up.len() as u64, to_down.len() as u64);
         self.routes
             .started(route_id, DATAPATH_SOCKMAP, initial_up, initial_down);
+        // From now on the flow's bytes show in Prometheus while it runs: these here, the rest
+        // through the kernel's route counters.
+        self.stats
+            .flow_bytes(&route.cluster, initial_up, initial_down);
         let mut info = flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP);
         info.agent_bytes_up = initial_up;
         info.agent_bytes_down = initial_down;
@@ -459,15 +463,16 @@ impl Splicer {
         self.records.remove(down_cookie);
         self.forget(down_cookie, up_cookie);
         self.routes.release(route_id, copied_up, copied_down);
-        // The verdict added every redirected byte to the route's counters, if it had an id.
+        // The replayed bytes went to the stats at the handoff; the verdict added every
+        // redirected byte to the route's counters, if it had an id.
         let counted = |redirected| if route_id == NO_ROUTE { 0 } else { redirected };
         FlowSummary {
             end,
             bytes_up: initial + d.redirected_bytes + copied_up,
             bytes_down: initial_down + u.redirected_bytes + copied_down,
             copied: initial + initial_down + copied_up + copied_down,
-            kernel_counted_up: counted(d.redirected_bytes),
-            kernel_counted_down: counted(u.redirected_bytes),
+            live_counted_up: initial + counted(d.redirected_bytes),
+            live_counted_down: initial_down + counted(u.redirected_bytes),
             duration: started.elapsed(),
         }
     }

@@ -62,8 +62,8 @@ pub async fn proxy(
             bytes_up: 0,
             bytes_down: 0,
             copied: 0,
-            kernel_counted_up: 0,
-            kernel_counted_down: 0,
+            live_counted_up: 0,
+            live_counted_down: 0,
             duration: start.elapsed(),
         };
     }
@@ -100,8 +100,8 @@ pub async fn proxy(
         bytes_up,
         bytes_down,
         copied: bytes_up + bytes_down,
-        kernel_counted_up: 0,
-        kernel_counted_down: 0,
+        live_counted_up: 0,
+        live_counted_down: 0,
         duration: start.elapsed(),
     }
 }
