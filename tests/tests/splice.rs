@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
-use zone_ingress_common::{FlowCtrl, FlowSide, map_names};
+use zone_ingress_common::{FlowCtrl, FlowInfo, FlowSide, map_names};
 use zone_ingress_tests::agent::{Agent, Datapath, Metrics, Options, Route};
 use zone_ingress_tests::netns::Topology;
 use zone_ingress_tests::pki::{SNI_BACKEND, SNI_OTHER};
@@ -82,6 +82,8 @@ struct MapEntries {
     flows: Vec<(u64, FlowSide)>,
     ctrl: Vec<(u64, FlowCtrl)>,
     socks: Vec<u64>,
+    /// `ZI_FLOW_INFO` keys (one per flow, for `maps dump flows`).
+    info: Vec<u64>,
 }
 
 impl MapEntries {
@@ -104,11 +106,28 @@ impl MapEntries {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .expect("iterate ZI_SOCKS");
-        MapEntries { flows, ctrl, socks }
+        let info: BpfHashMap<MapData, u64, FlowInfo> =
+            BpfHashMap::try_from(open_pinned(pin_dir, map_names::FLOW_INFO))
+                .expect("ZI_FLOW_INFO is a hash map of u64 -> FlowInfo");
+        let info = info
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .expect("iterate ZI_FLOW_INFO");
+        MapEntries {
+            flows,
+            ctrl,
+            socks,
+            info,
+        }
     }
 
-    fn counts(&self) -> (usize, usize, usize) {
-        (self.flows.len(), self.ctrl.len(), self.socks.len())
+    fn counts(&self) -> (usize, usize, usize, usize) {
+        (
+            self.flows.len(),
+            self.ctrl.len(),
+            self.socks.len(),
+            self.info.len(),
+        )
     }
 }
 
@@ -562,14 +581,15 @@ async fn closed_flows_leave_no_map_entries() {
         .await;
         let pin_dir = agent.pin_dir().to_path_buf();
 
-        // First make sure the maps are read right: one live spliced flow has two entries in each.
+        // First make sure the maps are read right: one live spliced flow has two entries in each
+        // per-socket map and one in the flow map.
         let mut live = tls::connect(&topo.client, agent.addr(), SNI_BACKEND).await.expect("handshake");
         tls::echo_roundtrip(&mut live, b"live").await.expect("echo");
         let during = MapEntries::read(&pin_dir);
         assert_eq!(
             during.counts(),
-            (2, 2, 2),
-            "one live spliced flow should have 2 entries in ZI_FLOWS, ZI_CTRL and ZI_SOCKS: {during:?}"
+            (2, 2, 2, 1),
+            "one live spliced flow should have 2 entries in ZI_FLOWS, ZI_CTRL and ZI_SOCKS, 1 in ZI_FLOW_INFO: {during:?}"
         );
         live.shutdown().await.expect("close the live flow");
         let mut rest = Vec::new();
@@ -617,8 +637,8 @@ async fn closed_flows_leave_no_map_entries() {
         let after = MapEntries::read(&pin_dir);
         assert_eq!(
             after.counts(),
-            (0, 0, 0),
-            "with no connection left, the pinned maps still hold entries (ZI_FLOWS, ZI_CTRL, ZI_SOCKS): {after:?}"
+            (0, 0, 0, 0),
+            "with no connection left, the pinned maps still hold entries (ZI_FLOWS, ZI_CTRL, ZI_SOCKS, ZI_FLOW_INFO): {after:?}"
         );
     })
     .await
