@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod guard;
+
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,

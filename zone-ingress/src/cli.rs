@@ -35,6 +35,29 @@ enum Command {
     Check(CheckArgs),
     /// Show the route table a file of xDS resources resolves to (SNI → cluster → endpoints).
     Routes(RoutesArgs),
+    /// Read the agent's pinned BPF maps (works without the agent running).
+    Maps(MapsArgs),
+}
+
+#[derive(Args, Debug)]
+struct MapsArgs {
+    #[command(subcommand)]
+    command: MapsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum MapsCommand {
+    /// Print the content of pinned maps.
+    Dump {
+        #[command(subcommand)]
+        what: DumpWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DumpWhat {
+    /// The XDP guard: configuration, allow-list, counters, tracked and limited sources.
+    Guard(crate::guard::dump::DumpGuardArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -89,6 +112,12 @@ struct RunArgs {
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// The agent's own configuration (YAML, next to the ZoneIngress resource): the `guard`
+    /// section. Reloaded on SIGHUP and on change.
+    #[arg(long, value_name = "FILE", env = "ZONE_INGRESS_AGENT_CONFIG")]
+    agent_config: Option<PathBuf>,
+    #[command(flatten)]
+    guard: crate::guard::GuardArgs,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +128,9 @@ struct CheckArgs {
     /// A standalone route table to validate.
     #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
+    /// The agent's own configuration file to validate.
+    #[arg(long, value_name = "FILE")]
+    agent_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -146,6 +178,11 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Run(args) => run(args),
         Command::Routes(args) => routes(args),
+        Command::Maps(MapsArgs {
+            command: MapsCommand::Dump {
+                what: DumpWhat::Guard(args),
+            },
+        }) => crate::guard::dump::run(&args),
     }
 }
 
@@ -188,6 +225,18 @@ fn check(args: CheckArgs) -> ExitCode {
             }
         }
     }
+    if let Some(path) = &args.agent_config {
+        match crate::config::AgentConfig::load(path) {
+            Ok(a) => summary.push_str(&format!(
+                ", guard {}",
+                if a.guard.enabled { "on" } else { "off" }
+            )),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     println!("{summary}");
     ExitCode::SUCCESS
 }
@@ -208,6 +257,8 @@ fn run(args: RunArgs) -> ExitCode {
             .as_deref()
             .map(crate::accesslog::Sink::parse),
         access_log_format: args.access_log_format,
+        agent_config: args.agent_config,
+        guard: args.guard,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

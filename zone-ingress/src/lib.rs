@@ -4,7 +4,8 @@
 //! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
 //! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
-//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables.
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables. [`guard`]
+//! (XDP) filters packets to the listener before the kernel's stack sees them.
 
 pub mod accesslog;
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod guard;
 pub mod listener;
 pub mod reload;
 pub mod routes;
