@@ -11,8 +11,8 @@
 //! which lets a flood spread over N receive queues exceed its limit by at most N SYNs per race;
 //! the limit still holds in the mean. Exactness would cost a spin lock per SYN.
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
     bindings::xdp_action::XDP_DROP,
+    bindings::xdp_action::XDP_PASS,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -29,8 +29,7 @@ static ZI_GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 static ZI_GUARD_ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW_PREFIXES, 0);
 
 #[map(name = "ZI_GUARD_ALLOW_V6")]
-static ZI_GUARD_ALLOW_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(MAX_ALLOW_PREFIXES, 0);
+static ZI_GUARD_ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW_PREFIXES, 0);
 
 /// Source address (IPv4 as ::ffff:a.b.c.d) -> theoretical arrival time of its next SYN.
 #[map(name = "ZI_GUARD_SOURCES")]
@@ -263,7 +262,9 @@ fn syn_verdict(cfg: &GuardConfig, source: &Source) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
     if cfg.syn_interval_ns != 0 {
         let key = match source {
-            Source::V4(a) => [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+            Source::V4(a) => [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+            ],
             Source::V6(a) => *a,
         };
         match ZI_GUARD_SOURCES.get_ptr_mut(&key) {
@@ -284,7 +285,12 @@ fn syn_verdict(cfg: &GuardConfig, source: &Source) -> Verdict {
         && let Some(tat) = ZI_GUARD_GLOBAL.get_ptr_mut(0)
     {
         // SAFETY: as above.
-        match gcra(unsafe { *tat }, now, cfg.global_interval_ns, cfg.global_burst_ns) {
+        match gcra(
+            unsafe { *tat },
+            now,
+            cfg.global_interval_ns,
+            cfg.global_burst_ns,
+        ) {
             Some(next) => unsafe { *tat = next },
             None => return Verdict::Drop(GuardCounter::DroppedGlobalSynRate),
         }
