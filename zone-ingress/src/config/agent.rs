@@ -383,6 +383,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid_and_off() {
+        let c = AgentConfig::from_yaml_str(
+            include_str!("../../../config/agent.yaml"),
+            "config/agent.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c,
+            AgentConfig::default(),
+            "the example spells out the defaults"
+        );
+    }
+
+    #[test]
     fn bad_interface_names() {
         assert!(interface_problem("eth0").is_none());
         assert!(interface_problem("").is_some());
