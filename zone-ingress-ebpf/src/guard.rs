@@ -153,11 +153,12 @@ fn inspect(ctx: &XdpContext, cfg: &GuardConfig) -> Verdict {
     if u16::from_be_bytes([ports[2], ports[3]]) as u32 != cfg.port {
         return Verdict::Ignore;
     }
-    // Data offset (header length in words) and flags.
-    let Some(hdr) = bytes::<2>(ctx, tcp + 12) else {
+    // The whole fixed header must be there (data offset and flags; the kernel drops a shorter one).
+    let Some(hdr) = bytes::<20>(ctx, tcp) else {
         return Verdict::Malformed;
     };
-    if (hdr[0] >> 4) < 5 {
+    let (data_offset, flags) = (hdr[12] >> 4, hdr[13]);
+    if data_offset < 5 {
         return Verdict::Malformed;
     }
     let allowed = match &source {
@@ -169,7 +170,7 @@ fn inspect(ctx: &XdpContext, cfg: &GuardConfig) -> Verdict {
     }
     // Only a connection request is rate limited; every segment of an established (or
     // establishing) connection carries ACK.
-    if hdr[1] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return Verdict::Pass;
     }
     syn_verdict(cfg, &source)
