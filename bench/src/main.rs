@@ -8,6 +8,7 @@
 //!
 //! Needs root (namespaces, BPF). See `--help`.
 
+mod guard;
 mod load;
 mod proxy;
 mod report;
@@ -121,9 +122,23 @@ struct Args {
     /// Run HAProxy without `option splice-request` / `splice-response`.
     #[arg(long)]
     haproxy_no_splice: bool,
-    /// Never run apt-get (fail if haproxy or nginx is missing).
+    /// Never run apt-get (fail if haproxy, nginx or nft is missing).
     #[arg(long)]
     no_install: bool,
+    /// guard-drop (the XDP guard's drop rate against nftables drop rules on one veth): `on` runs it
+    /// after the proxy paths, `only` runs nothing else (BENCHMARKS.md is left alone), `off` skips it.
+    #[arg(long, value_enum, default_value_t = GuardDrop::On)]
+    guard_drop: GuardDrop,
+    /// guard-drop: seconds of SYN flood per run (default 5, --quick 2).
+    #[arg(long)]
+    guard_drop_secs: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum GuardDrop {
+    On,
+    Only,
+    Off,
 }
 
 /// Everything one run needs, shared by all runs.
@@ -183,8 +198,11 @@ fn parse_list<T: Copy>(
 }
 
 /// Installs haproxy / nginx / the nginx stream module when a selected path needs them and they are missing.
-fn ensure_packages(paths: &[PathKind], no_install: bool) -> Result<()> {
+fn ensure_packages(paths: &[PathKind], nft: bool, no_install: bool) -> Result<()> {
     let mut missing = Vec::new();
+    if nft && !Path::new("/usr/sbin/nft").is_file() {
+        missing.push("nftables");
+    }
     if paths.contains(&PathKind::Haproxy) && !Path::new("/usr/sbin/haproxy").is_file() {
         missing.push("haproxy");
     }
@@ -232,7 +250,7 @@ fn run(args: Args) -> Result<()> {
     let paths = parse_list(&args.paths, &ALL_PATHS, PathKind::parse, "path")?;
     let workloads = parse_list(&args.workloads, &ALL_WORKLOADS, Workload::parse, "workload")?;
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
-    ensure_packages(&paths, args.no_install)?;
+    ensure_packages(&paths, args.guard_drop != GuardDrop::Off, args.no_install)?;
     let agent_bin = args.agent.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/zone-ingress")
     });
@@ -303,9 +321,23 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("build the tokio runtime")?;
     let started = Instant::now();
-    let (samples, notes, failures) =
+    let guard_secs = args
+        .guard_drop_secs
+        .unwrap_or(if args.quick { 2.0 } else { 5.0 });
+    if args.guard_drop == GuardDrop::Only {
+        let (runs, notes) = rt.block_on(guard::run_all(&agent_bin, guard_secs, args.reps));
+        drop(rt);
+        return report_guard_drop(&args.out, &runs, &notes);
+    }
+    let (samples, notes, mut failures) =
         rt.block_on(run_all(cfg.clone(), &paths, &workloads, args.reps, seed));
+    let (guard_runs, guard_notes) = if args.guard_drop == GuardDrop::On {
+        rt.block_on(guard::run_all(&agent_bin, guard_secs, args.reps))
+    } else {
+        (Vec::new(), Vec::new())
+    };
     drop(rt);
+    failures.extend(guard_notes);
     let _ = std::fs::remove_dir_all(Pki::get().dir());
 
     let records = samples.records();
@@ -326,8 +358,14 @@ fn run(args: Args) -> Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&records)? + "\n")
         .with_context(|| format!("write {}", json.display()))?;
     eprintln!("bench: wrote {}", json.display());
+    if !guard_runs.is_empty() {
+        report_guard_drop(&args.out, &guard_runs, &[])?;
+    }
     if let Some(md) = &args.markdown {
-        let text = markdown(&args, &cfg, &rows, &notes, &failures, seed);
+        let mut text = markdown(&args, &cfg, &rows, &notes, &failures, seed);
+        if !guard_runs.is_empty() {
+            text.push_str(&guard_markdown(&guard_runs, guard_secs));
+        }
         std::fs::write(md, text).with_context(|| format!("write {}", md.display()))?;
         eprintln!("bench: wrote {}", md.display());
     }
@@ -341,6 +379,37 @@ fn run(args: Args) -> Result<()> {
         bail!("{ours} run(s) of direct or the agent failed (see the notes above)");
     }
     Ok(())
+}
+
+/// Prints the guard-drop table and writes `guard-drop.json` next to results.json.
+fn report_guard_drop(out: &Path, runs: &[guard::DropRun], notes: &[String]) -> Result<()> {
+    println!();
+    println!("guard-drop: SYN flood from one source outside the allow-list, one veth");
+    print!("{}", guard::render_markdown(runs));
+    for n in notes {
+        println!("note: {n}");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let json = out.join("guard-drop.json");
+    std::fs::write(&json, serde_json::to_string_pretty(runs)? + "\n")
+        .with_context(|| format!("write {}", json.display()))?;
+    eprintln!("bench: wrote {}", json.display());
+    anyhow::ensure!(notes.is_empty(), "{} guard-drop run(s) failed", notes.len());
+    Ok(())
+}
+
+fn guard_markdown(runs: &[guard::DropRun], secs: f64) -> String {
+    format!(
+        "\n## XDP guard: drop rate against nftables\n\n\
+         A SYN flood from one source outside the allow-list ({secs:.0} s per run, hand-built frames from a \
+         packet socket with sendmmsg, batches of 64) into the ingress's veth; each filter drops it. On a veth \
+         the receive work runs in softirq on the sending CPU, so a cheaper drop shows as more packets per \
+         second. `xdp-*`: the agent's guard (allow-list drop, counted by its counter); `nft-netdev-ingress`: \
+         a `netdev` table on the veth's ingress hook; `nft-inet-prerouting`: an `inet` table at raw priority; \
+         `none`: no filter (the stack answers every SYN). Median [min-max] over the repetitions; also in \
+         `target/bench/guard-drop.json`.\n\n{}",
+        guard::render_markdown(runs)
+    )
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Prng) {

@@ -10,6 +10,7 @@
 //! - [`tls`]: rustls configurations and the backend behaviours (echo, sink, server-first, half-close, reset);
 //! - [`agent`]: spawn the agent, wait for `/ready`, scrape `/stats/prometheus`, run `check`;
 //! - [`probe`]: raw TCP probes that watch how the agent closes a connection;
+//! - [`flood`]: hand-built Ethernet frames (SYN, UDP, truncated) sent through a packet socket, for the XDP guard;
 //! - [`wire`]: stream wrappers that dribble or re-frame the ClientHello, raw ClientHello bytes, a fast PRNG.
 //!
 //! Environment: `ZONE_INGRESS_BIN` (agent binary, default `<workspace>/target/release/zone-ingress`),
@@ -17,6 +18,7 @@
 //! `info`). Everything needs root.
 
 pub mod agent;
+pub mod flood;
 pub mod netns;
 pub mod pki;
 pub mod probe;

@@ -5,6 +5,8 @@
 //! pins always agree; tools that read pins left by another build must check value sizes.
 #![no_std]
 
+pub mod guard;
+
 /// Directory under bpffs where the agent pins its maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/zone-ingress";
 

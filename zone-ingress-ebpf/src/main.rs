@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod guard;
+
 use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC,

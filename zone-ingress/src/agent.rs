@@ -40,6 +40,9 @@ pub struct RunOptions {
     /// `--access-log`: where lines go; `None` is off.
     pub access_log: Option<accesslog::Sink>,
     pub access_log_format: accesslog::Format,
+    /// `--agent-config`: the agent's own settings (the XDP guard).
+    pub agent_config: Option<PathBuf>,
+    pub guard: crate::guard::GuardArgs,
 }
 
 /// After the drain time, how long flows told to finish get to deliver what they hold.
@@ -167,6 +170,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         access_log,
         drain: drain_rx,
     });
+    let guard = crate::guard::start(
+        opts.agent_config.as_deref(),
+        &opts.guard,
+        listen,
+        &opts.pin_dir,
+        stats.clone(),
+    )?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
     readiness.set_ready();
@@ -210,6 +220,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(writer) = log_writer {
         writer.finish(DRAIN_GRACE).await;
     }
+    guard.shutdown();
     Ok(())
 }
 

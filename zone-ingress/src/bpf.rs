@@ -95,21 +95,8 @@ impl BpfPrograms {
     /// Loads the programs, attaches the stream verdict to the SockHash and pins every map under
     /// `pin_dir` (replacing pins left by a previous run).
     pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
-        if BPF_OBJECT.is_empty() {
-            return Err(BpfError::NotBuilt);
-        }
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
-        if uid != 0 {
-            return Err(BpfError::NotPrivileged { uid });
-        }
-        ensure_bpffs(Path::new("/sys/fs/bpf"))?;
-        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
-            path: pin_dir.to_path_buf(),
-            source,
-        })?;
-
-        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT)?;
+        let object = embedded_object(pin_dir)?;
+        let mut ebpf = EbpfLoader::new().load(object)?;
         spawn_bpf_logger(&mut ebpf);
 
         // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
@@ -165,7 +152,27 @@ impl BpfPrograms {
     }
 }
 
-fn take_map<T>(
+/// The embedded BPF object, once loading it can work: it was built in, we are root, bpffs is
+/// mounted and `pin_dir` exists. Other program sets of the object (the XDP guard) load their
+/// own instance from it.
+pub(crate) fn embedded_object(pin_dir: &Path) -> Result<&'static [u8], BpfError> {
+    if BPF_OBJECT.is_empty() {
+        return Err(BpfError::NotBuilt);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(BpfError::NotPrivileged { uid });
+    }
+    ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+    std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    Ok(BPF_OBJECT)
+}
+
+pub(crate) fn take_map<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
     convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
@@ -180,7 +187,7 @@ fn take_map<T>(
     })
 }
 
-fn pin(
+pub(crate) fn pin(
     dir: &Path,
     name: &'static str,
     do_pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,

@@ -30,12 +30,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the ingress.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate configuration files and exit (0 when valid, 1 with the problems otherwise).
     Check(CheckArgs),
     /// Show the route table a file of xDS resources resolves to (SNI → cluster → endpoints).
     Routes(RoutesArgs),
-    /// Read the agent's pinned BPF maps: `maps dump routes|flows|stats [--json] [--pin-dir DIR]`.
+    /// Read the agent's pinned BPF maps: `maps dump routes|flows|stats|guard [--json] [--pin-dir DIR]`.
     Maps(crate::maps::MapsArgs),
 }
 
@@ -91,6 +91,12 @@ struct RunArgs {
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// The agent's own configuration (YAML, next to the ZoneIngress resource): the `guard`
+    /// section. Reloaded on SIGHUP and on change.
+    #[arg(long, value_name = "FILE", env = "ZONE_INGRESS_AGENT_CONFIG")]
+    agent_config: Option<PathBuf>,
+    #[command(flatten)]
+    guard: crate::guard::GuardArgs,
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +107,9 @@ struct CheckArgs {
     /// A standalone route table to validate.
     #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
+    /// The agent's own configuration file to validate.
+    #[arg(long, value_name = "FILE")]
+    agent_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -146,7 +155,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check(args) => check(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Routes(args) => routes(args),
         Command::Maps(args) => crate::maps::main(args),
     }
@@ -191,6 +200,18 @@ fn check(args: CheckArgs) -> ExitCode {
             }
         }
     }
+    if let Some(path) = &args.agent_config {
+        match crate::config::AgentConfig::load(path) {
+            Ok(a) => summary.push_str(&format!(
+                ", guard {}",
+                if a.guard.enabled { "on" } else { "off" }
+            )),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     println!("{summary}");
     ExitCode::SUCCESS
 }
@@ -211,6 +232,8 @@ fn run(args: RunArgs) -> ExitCode {
             .as_deref()
             .map(crate::accesslog::Sink::parse),
         access_log_format: args.access_log_format,
+        agent_config: args.agent_config,
+        guard: args.guard,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,8 @@
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
 //! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables; [`maps`] reads
 //! the pinned BPF maps for operators (`zone-ingress maps dump`).
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables. [`guard`]
+//! (XDP) filters packets to the listener before the kernel's stack sees them.
 
 pub mod accesslog;
 pub mod admin;
@@ -14,6 +16,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod guard;
 pub mod listener;
 pub mod maps;
 pub mod reload;

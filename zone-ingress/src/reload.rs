@@ -99,3 +99,62 @@ async fn watch_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>, pa
         }
     }
 }
+
+/// Why a watched file is being read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Sighup,
+    FileChange,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sighup => "SIGHUP",
+            Self::FileChange => "file change",
+        }
+    }
+}
+
+/// Watches any file forever like the route files: calls `apply(text, origin, trigger)` when its
+/// content changes (one-second poll) and on every SIGHUP. A file that cannot be read is logged
+/// (on SIGHUP) and skipped; `apply` decides what a bad content means.
+pub async fn watch_text_file(
+    path: PathBuf,
+    what: &'static str,
+    mut apply: impl FnMut(&str, &str, Trigger) + Send + 'static,
+) {
+    let mut last = std::fs::read(&path).ok();
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, what, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        let trigger = tokio::select! {
+            _ = tick.tick() => Trigger::FileChange,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Sighup,
+        };
+        let content = match std::fs::read(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                if trigger == Trigger::Sighup {
+                    tracing::error!(path = %path.display(), error = %e, what, "SIGHUP: cannot read the file; keeping the current settings");
+                }
+                continue;
+            }
+        };
+        if trigger == Trigger::FileChange && last.as_deref() == Some(content.as_slice()) {
+            continue;
+        }
+        last = Some(content.clone());
+        apply(
+            &String::from_utf8_lossy(&content),
+            &path.display().to_string(),
+            trigger,
+        );
+    }
+}

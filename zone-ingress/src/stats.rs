@@ -148,7 +148,14 @@ pub struct Stats {
     /// cluster counters then hold only what the kernel does not count (the replayed ClientHello,
     /// userspace flows): see [`crate::datapath::FlowSummary::uncounted`].
     kernel_route_bytes: OnceLock<KernelRouteBytes>,
+    /// Reads the XDP guard's counters at scrape time; set once the guard is attached.
+    guard: OnceLock<GuardCountersFn>,
 }
+
+/// Reads the XDP guard's counters (in `GuardCounter::ALL` order); `None` when they cannot be read.
+pub type GuardCountersFn = Box<
+    dyn Fn() -> Option<[u64; zone_ingress_common::guard::GUARD_COUNTERS as usize]> + Send + Sync,
+>;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -267,7 +274,59 @@ impl Stats {
             listener_address: OnceLock::new(),
             clusters: RwLock::new(BTreeMap::new()),
             kernel_route_bytes: OnceLock::new(),
+            guard: OnceLock::new(),
         }
+    }
+
+    /// Makes the scrape include the XDP guard's counters (first call wins).
+    pub fn set_guard_counters(&self, read: GuardCountersFn) {
+        let _ = self.guard.set(read);
+    }
+
+    /// The `zone_ingress_guard_*` series: zeros (and `attached 0`) while no guard is attached, so
+    /// a dashboard sees the series either way.
+    fn encode_guard(&self, out: &mut String) {
+        use zone_ingress_common::guard::GuardCounter;
+        let counters = self.guard.get().and_then(|read| read());
+        let attached = u64::from(counters.is_some());
+        let c = counters.unwrap_or_default();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        metric(
+            "zone_ingress_guard_attached",
+            "gauge",
+            "1 while the XDP guard is attached in front of the listener",
+            &[(String::new(), attached)],
+        );
+        metric(
+            "zone_ingress_guard_passed_total",
+            "counter",
+            "TCP packets to the listener the XDP guard passed to the stack",
+            &[(String::new(), c[GuardCounter::Passed as usize])],
+        );
+        let dropped = [
+            ("allow_list", GuardCounter::DroppedAllowList),
+            ("syn_rate", GuardCounter::DroppedSynRate),
+            ("global_syn_rate", GuardCounter::DroppedGlobalSynRate),
+        ]
+        .map(|(reason, i)| (format!("{{reason=\"{reason}\"}}"), c[i as usize]));
+        metric(
+            "zone_ingress_guard_dropped_total",
+            "counter",
+            "Packets to the listener the XDP guard dropped, by reason (allow_list: source not allowed; syn_rate: the source's SYN rate; global_syn_rate: the SYN ceiling of all sources)",
+            &dropped,
+        );
+        metric(
+            "zone_ingress_guard_malformed_total",
+            "counter",
+            "Packets with truncated or inconsistent headers the XDP guard passed untouched",
+            &[(String::new(), c[GuardCounter::Malformed as usize])],
+        );
     }
 
     pub fn access_log_dropped(&self) {
@@ -531,6 +590,7 @@ impl Stats {
         let eof = out.rfind("# EOF").unwrap_or(out.len());
         let mut envoy = String::new();
         self.encode_envoy(&mut envoy);
+        self.encode_guard(&mut envoy);
         out.insert_str(eof, &envoy);
         out
     }

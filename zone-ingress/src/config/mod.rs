@@ -4,16 +4,22 @@
 //!   --proxy-type=ingress --dataplane-file` takes, validated with Kuma's rules so that a file
 //!   we accept is one the control plane accepts too.
 //! - [`RoutesFile`]: SNI → endpoints for running without a control plane (`cargo xtask run`).
+//! - [`AgentConfig`]: this agent's own settings (`--agent-config`), next to the resource: the
+//!   XDP guard.
 //!
-//! Both parsers report every problem of a document at once, each naming the file, the field
+//! The parsers report every problem of a document at once, each naming the file, the field
 //! and a fix (see [`ConfigError`]). The defaults in `config/` are compiled in so the binary
 //! runs with no files at all, and the tests keep them valid.
 
+mod agent;
 mod error;
 mod routes;
 mod yaml;
 mod zone_ingress;
 
+pub use agent::{
+    AgentConfig, DEFAULT_MAX_SOURCES, GuardSection, XdpMode, interface_problem, parse_cidr,
+};
 pub use error::{ConfigError, Problem};
 pub use routes::{MAX_SNI_LEN, RouteSpec, RoutesFile};
 pub use zone_ingress::{

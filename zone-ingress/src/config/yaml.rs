@@ -130,7 +130,7 @@ impl<'a> Fields<'a> {
             let fix = match suggest(key, known) {
                 Some(s) => {
                     misspelled.push(s);
-                    format!("rename it to `{s}` (field names are camelCase)")
+                    format!("rename it to `{s}`")
                 }
                 None => "remove it".to_owned(),
             };

@@ -55,7 +55,8 @@ pub enum DumpWhat {
     Routes,
     Flows,
     Stats,
-    // Extension point: `Guard` (the XDP guard's counters) goes here, read by a `guard.rs`.
+    /// The XDP guard: configuration, allow-list, counters, tracked and limited sources.
+    Guard,
 }
 
 /// One dump, in both forms.
@@ -67,12 +68,27 @@ pub struct Dump {
 
 /// Reads `what` from the maps pinned under `pin_dir`.
 pub fn dump(what: DumpWhat, pin_dir: &Path) -> Result<Dump, MapsError> {
-    let pins = PinDir::open(pin_dir)?;
     match what {
-        DumpWhat::Routes => routes::dump(&pins),
-        DumpWhat::Flows => flows::dump(&pins),
-        DumpWhat::Stats => stats::dump(&pins),
+        DumpWhat::Routes => routes::dump(&PinDir::open(pin_dir)?),
+        DumpWhat::Flows => flows::dump(&PinDir::open(pin_dir)?),
+        DumpWhat::Stats => stats::dump(&PinDir::open(pin_dir)?),
+        DumpWhat::Guard => guard_dump(pin_dir),
     }
+}
+
+/// The guard's maps have their own reader and layout checks (guard/dump.rs).
+fn guard_dump(pin_dir: &Path) -> Result<Dump, MapsError> {
+    let d = crate::guard::dump::read(pin_dir).map_err(|e| MapsError::Read {
+        name: "ZI_GUARD_*",
+        detail: e.to_string(),
+    })?;
+    Ok(Dump {
+        json: serde_json::to_value(&d).map_err(|e| MapsError::Read {
+            name: "ZI_GUARD_*",
+            detail: format!("cannot encode as JSON: {e}"),
+        })?,
+        text: d.to_text(),
+    })
 }
 
 /// `zone-ingress maps ...`: prints the dump, or the error and exit status 1.

@@ -1,0 +1,276 @@
+//! Loading `zi_guard` from the embedded BPF object, attaching it, and writing its maps.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, MapData, PerCpuArray};
+use aya::programs::{Xdp, XdpMode as AyaXdpMode};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use zone_ingress_common::guard::{GUARD_COUNTERS, GuardConfig, GuardCounter, PROG_NAME, map_names};
+
+use crate::bpf::{self, BpfError};
+use crate::config::{GuardSection, XdpMode};
+
+use super::settings::map_config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("XDP guard: {0}")]
+    Bpf(#[from] BpfError),
+    #[error(
+        "XDP guard: the BPF object has no program {PROG_NAME}: build the agent with `cargo xtask build`"
+    )]
+    NoProgram,
+    #[error("XDP guard: loading {PROG_NAME} into the kernel: {0} (needs Linux 5.18+ with XDP)")]
+    Load(aya::programs::ProgramError),
+    #[error(
+        "XDP guard: attaching to {iface} in {mode} mode: {source} (does the interface exist in \
+         this network namespace? is another XDP program attached to it? try --xdp-mode generic)"
+    )]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("XDP guard: writing map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> GuardError {
+    move |e| GuardError::Map {
+        map,
+        detail: e.to_string(),
+    }
+}
+
+/// The mode the program ended up attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+impl Attached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// The guard program, attached. Dropping it detaches the program (its bpf_link closes); the
+/// pinned maps stay readable for `zone-ingress maps dump guard`.
+pub struct Guard {
+    /// Owns the program and its link.
+    _ebpf: Ebpf,
+    maps: GuardMaps,
+    counters: PerCpuArray<MapData, u64>,
+    pub interface: String,
+    pub attached: Attached,
+    pub pin_dir: PathBuf,
+}
+
+/// The maps the agent writes.
+struct GuardMaps {
+    config: Array<MapData, GuardConfig>,
+    allow_v4: LpmTrie<MapData, [u8; 4], u8>,
+    allow_v6: LpmTrie<MapData, [u8; 16], u8>,
+    port: u16,
+    /// The prefixes now in the tries.
+    installed: BTreeSet<IpNet>,
+    /// The settings last applied.
+    applied: GuardSection,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("interface", &self.interface)
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+impl Guard {
+    /// Loads the program, pins its maps under `pin_dir`, writes `settings` and attaches to
+    /// `iface`. The program guards TCP to `port`.
+    pub fn load(
+        settings: &GuardSection,
+        port: u16,
+        iface: &str,
+        pin_dir: &Path,
+    ) -> Result<Self, GuardError> {
+        let object = bpf::embedded_object(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::SOURCES, settings.max_sources);
+        // This instance only runs the guard: the splice maps it also declares are created at
+        // their smallest instead of at the size the splice needs (megabytes, preallocated).
+        for name in [
+            zone_ingress_common::map_names::SOCKS,
+            zone_ingress_common::map_names::FLOWS,
+            zone_ingress_common::map_names::CTRL,
+        ] {
+            loader.map_max_entries(name, 1);
+        }
+        loader.map_max_entries(zone_ingress_common::map_names::EVENTS, page_size());
+        let mut ebpf = loader.load(object).map_err(BpfError::from)?;
+        for name in map_names::ALL {
+            let map = ebpf.map(name).ok_or(BpfError::Map {
+                name,
+                detail: "not in the object".into(),
+            })?;
+            bpf::pin(pin_dir, name, |p| map.pin(p))?;
+        }
+        let mut maps = GuardMaps {
+            config: bpf::take_map(&mut ebpf, map_names::CONFIG, Array::try_from)?,
+            allow_v4: bpf::take_map(&mut ebpf, map_names::ALLOW_V4, LpmTrie::try_from)?,
+            allow_v6: bpf::take_map(&mut ebpf, map_names::ALLOW_V6, LpmTrie::try_from)?,
+            port,
+            installed: BTreeSet::new(),
+            applied: settings.clone(),
+        };
+        let counters = bpf::take_map(&mut ebpf, map_names::COUNTERS, PerCpuArray::try_from)?;
+        // The maps hold the settings before the first packet meets the program.
+        maps.apply(settings)?;
+
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_NAME)
+            .ok_or(GuardError::NoProgram)?
+            .try_into()
+            .map_err(GuardError::Load)?;
+        prog.load().map_err(GuardError::Load)?;
+        let attach = |prog: &mut Xdp, mode: AyaXdpMode, name: &'static str| {
+            prog.attach(iface, mode)
+                .map(|_| ())
+                .map_err(|source| GuardError::Attach {
+                    iface: iface.to_owned(),
+                    mode: name,
+                    source,
+                })
+        };
+        let attached = match settings.mode {
+            XdpMode::Native => {
+                attach(prog, AyaXdpMode::Driver, "native")?;
+                Attached::Native
+            }
+            XdpMode::Generic => {
+                attach(prog, AyaXdpMode::Skb, "generic")?;
+                Attached::Generic
+            }
+            XdpMode::Auto => match attach(prog, AyaXdpMode::Driver, "native") {
+                Ok(()) => Attached::Native,
+                Err(e) => {
+                    tracing::warn!(interface = iface, error = %e,
+                        "XDP guard: native mode unavailable, falling back to generic (SKB) mode: \
+                         packets are inspected after the kernel built an skb, which costs more per packet");
+                    attach(prog, AyaXdpMode::Skb, "generic")?;
+                    Attached::Generic
+                }
+            },
+        };
+        tracing::info!(
+            interface = iface,
+            mode = attached.as_str(),
+            port,
+            pin_dir = %pin_dir.display(),
+            "XDP guard attached"
+        );
+        Ok(Self {
+            _ebpf: ebpf,
+            maps,
+            counters,
+            interface: iface.to_owned(),
+            attached,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Writes `settings` into the maps, live (the program stays attached).
+    pub fn apply(&mut self, settings: &GuardSection) -> Result<(), GuardError> {
+        self.maps.apply(settings)
+    }
+
+    /// The settings last applied.
+    pub fn applied(&self) -> &GuardSection {
+        &self.maps.applied
+    }
+
+    /// The counters, summed over CPUs, in [`GuardCounter::ALL`] order.
+    pub fn counters(&self) -> Result<[u64; GUARD_COUNTERS as usize], GuardError> {
+        read_counters(&self.counters)
+    }
+}
+
+impl GuardMaps {
+    /// Writes `settings`. The allow-list changes without a window where a
+    /// source allowed before and after is dropped: new prefixes go in first, then the
+    /// configuration, then stale prefixes go out.
+    pub fn apply(&mut self, settings: &GuardSection) -> Result<(), GuardError> {
+        let wanted: BTreeSet<IpNet> = settings.allow_cidrs.iter().copied().collect();
+        for net in wanted.difference(&self.installed) {
+            match net {
+                IpNet::V4(n) => self
+                    .allow_v4
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                        1,
+                        0,
+                    )
+                    .map_err(map_err(map_names::ALLOW_V4))?,
+                IpNet::V6(n) => self
+                    .allow_v6
+                    .insert(
+                        &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                        1,
+                        0,
+                    )
+                    .map_err(map_err(map_names::ALLOW_V6))?,
+            }
+        }
+        self.config
+            .set(0, map_config(settings, self.port), 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        for net in self.installed.difference(&wanted) {
+            let removed = match net {
+                IpNet::V4(n) => self
+                    .allow_v4
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets()))
+                    .map_err(map_err(map_names::ALLOW_V4)),
+                IpNet::V6(n) => self
+                    .allow_v6
+                    .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets()))
+                    .map_err(map_err(map_names::ALLOW_V6)),
+            };
+            // A prefix left behind is harmless while the list is off, and is retried next time.
+            if let Err(e) = removed {
+                tracing::warn!(prefix = %net, error = %e, "XDP guard: could not remove a stale allow-list prefix");
+            }
+        }
+        self.installed = wanted;
+        self.applied = settings.clone();
+        Ok(())
+    }
+}
+
+/// Sums the per-CPU guard counters.
+pub fn read_counters(
+    map: &PerCpuArray<MapData, u64>,
+) -> Result<[u64; GUARD_COUNTERS as usize], GuardError> {
+    let mut out = [0u64; GUARD_COUNTERS as usize];
+    for c in GuardCounter::ALL {
+        let values = map
+            .get(&(c as u32), 0)
+            .map_err(map_err(map_names::COUNTERS))?;
+        out[c as usize] = values.iter().sum();
+    }
+    Ok(out)
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page).unwrap_or(4096)
+}
