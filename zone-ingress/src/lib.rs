@@ -4,7 +4,8 @@
 //! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
 //! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
-//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables.
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] (files) and [`cp`] (the Kuma
+//! control plane's ADS stream) swap route tables.
 
 pub mod accesslog;
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod cp;
 pub mod datapath;
 pub mod listener;
 pub mod reload;
