@@ -10,6 +10,8 @@
 //! - [`tls`]: rustls configurations and the backend behaviours (echo, sink, server-first, half-close, reset);
 //! - [`agent`]: spawn the agent, wait for `/ready`, scrape `/stats/prometheus`, run `check`;
 //! - [`probe`]: raw TCP probes that watch how the agent closes a connection;
+//! - [`cp`]: a test Kuma control plane (HTTPS /bootstrap, gRPC ADS over TLS, RS256 zone tokens);
+//! - [`xds_build`]: xDS resources as prost messages for it (Kuma's fixtures, re-addressed);
 //! - [`wire`]: stream wrappers that dribble or re-frame the ClientHello, raw ClientHello bytes, a fast PRNG.
 //!
 //! Environment: `ZONE_INGRESS_BIN` (agent binary, default `<workspace>/target/release/zone-ingress`),
@@ -17,11 +19,13 @@
 //! `info`). Everything needs root.
 
 pub mod agent;
+pub mod cp;
 pub mod netns;
 pub mod pki;
 pub mod probe;
 pub mod tls;
 pub mod wire;
+pub mod xds_build;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};

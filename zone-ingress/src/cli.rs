@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the ingress.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate configuration files and exit (0 when valid, 1 with the problems otherwise).
     Check(CheckArgs),
     /// Show the route table a file of xDS resources resolves to (SNI → cluster → endpoints).
@@ -206,7 +206,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check(args) => check(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Routes(args) => routes(args),
     }
 }

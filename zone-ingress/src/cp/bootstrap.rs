@@ -79,10 +79,14 @@ async fn post(
     connector: &Connector,
     body: &str,
 ) -> Result<BootstrapInfo, Attempt> {
-    let io = connector
-        .connect()
-        .await
-        .map_err(|e| Attempt::Retry(format!("cannot connect: {e}")))?;
+    let io = connector.connect().await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            // The CP's certificate does not verify: refused, not retried.
+            Attempt::Final(CpError::Config(e.to_string()))
+        } else {
+            Attempt::Retry(format!("cannot connect: {e}"))
+        }
+    })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| Attempt::Retry(format!("HTTP handshake: {e}")))?;

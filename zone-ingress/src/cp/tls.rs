@@ -114,8 +114,18 @@ impl Connector {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| {
+                // A certificate that does not verify will not verify on the next attempt either:
+                // InvalidData tells the caller not to retry.
+                let bad_cert = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
                 io::Error::new(
-                    e.kind(),
+                    if bad_cert {
+                        io::ErrorKind::InvalidData
+                    } else {
+                        e.kind()
+                    },
                     format!(
                         "TLS handshake with the control plane at {addr} failed: {e} (check that \
                          --ca-cert-file is the CA that signed the CP's certificate and that the \
