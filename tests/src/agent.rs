@@ -178,7 +178,6 @@ pub struct Agent<'ns> {
 impl<'ns> Agent<'ns> {
     /// Writes the configs, starts `zone-ingress run` in `ns` and waits (at most 20 s) until `/ready` says READY.
     pub async fn start(ns: &'ns Netns, routes: &[Route], opts: Options) -> Agent<'ns> {
-        let bin = binary();
         let dir = tempfile::Builder::new()
             .prefix("zi-agent-")
             .tempdir()
@@ -187,8 +186,49 @@ impl<'ns> Agent<'ns> {
         let routes_path = dir.path().join("routes.yaml");
         std::fs::write(&config_path, zone_ingress_yaml()).expect("write the ZoneIngress config");
         std::fs::write(&routes_path, routes_yaml(routes)).expect("write the routes file");
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--config".into(),
+            config_path.into(),
+            "--routes".into(),
+            routes_path.clone().into(),
+        ];
+        if let Some(t) = &opts.client_hello_timeout {
+            args.extend(["--client-hello-timeout".into(), t.into()]);
+        }
+        if let Some(t) = &opts.connect_timeout {
+            args.extend(["--connect-timeout".into(), t.into()]);
+        }
+        args.extend(opts.extra_args.iter().map(Into::into));
+        let mut agent = Agent::spawn(ns, dir, routes_path, opts.datapath, &args);
+        agent.wait_ready(Duration::from_secs(20)).await;
+        agent
+    }
+
+    /// Starts `zone-ingress run --datapath D --pin-dir P <args>` in `ns` without writing any
+    /// config file and without waiting (e.g. a control-plane session: `--cp-address ...`).
+    pub fn start_with_args(
+        ns: &'ns Netns,
+        datapath: Datapath,
+        args: &[std::ffi::OsString],
+    ) -> Agent<'ns> {
+        let dir = tempfile::Builder::new()
+            .prefix("zi-agent-")
+            .tempdir()
+            .expect("create the agent's temp dir");
+        let routes_path = dir.path().join("routes.yaml");
+        Agent::spawn(ns, dir, routes_path, datapath, args)
+    }
+
+    fn spawn(
+        ns: &'ns Netns,
+        dir: tempfile::TempDir,
+        routes_path: PathBuf,
+        datapath: Datapath,
+        args: &[std::ffi::OsString],
+    ) -> Agent<'ns> {
+        let bin = binary();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()));
-        if opts.datapath != Datapath::Userspace {
+        if datapath != Datapath::Userspace {
             ensure_bpffs();
             sweep_stale_pin_dirs();
         }
@@ -197,42 +237,56 @@ impl<'ns> Agent<'ns> {
         let stdout = stderr.try_clone().expect("dup the stderr log for stdout");
         let mut cmd = ns.command(&bin);
         cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--routes")
-            .arg(&routes_path)
-            .args(["--datapath", opts.datapath.as_str()])
+            .args(["--datapath", datapath.as_str()])
             .arg("--pin-dir")
-            .arg(&pin_dir);
-        if let Some(t) = &opts.client_hello_timeout {
-            cmd.args(["--client-hello-timeout", t]);
-        }
-        if let Some(t) = &opts.connect_timeout {
-            cmd.args(["--connect-timeout", t]);
-        }
-        cmd.args(&opts.extra_args)
+            .arg(&pin_dir)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("ZI_AGENT_LOG").unwrap_or_else(|_| "info".to_string()),
             )
+            // The control-plane variables of the environment running the tests must not leak in.
+            .env_remove("KUMA_CONTROL_PLANE_URL")
+            .env_remove("KUMA_DATAPLANE_RUNTIME_TOKEN_PATH")
+            .env_remove("KUMA_CONTROL_PLANE_CA_CERT_FILE")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {} in namespace {}: {e}", bin.display(), ns.name()));
-        let mut agent = Agent {
+        Agent {
             ns,
             child,
             dir,
             pin_dir,
             routes_path,
-        };
-        agent.wait_ready(Duration::from_secs(20)).await;
-        agent
+        }
     }
 
-    async fn wait_ready(&mut self, limit: Duration) {
+    /// Waits (at most `limit`) for the agent to exit on its own; panics if it is still running.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the agent process") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the agent was expected to exit within {limit:?} but still runs; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The agent's temp dir (for extra files such as tokens).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Polls `/ready` until it says READY (at most `limit`); panics if the agent exits first.
+    pub async fn wait_ready(&mut self, limit: Duration) {
         let start = Instant::now();
         let mut last = String::from("no answer yet");
         while start.elapsed() < limit {

@@ -11,6 +11,8 @@
 //! - [`agent`]: spawn the agent, wait for `/ready`, scrape `/stats/prometheus`, run `check`;
 //! - [`probe`]: raw TCP probes that watch how the agent closes a connection;
 //! - [`flood`]: hand-built Ethernet frames (SYN, UDP, truncated) sent through a packet socket, for the XDP guard;
+//! - [`cp`]: a test Kuma control plane (HTTPS /bootstrap, gRPC ADS over TLS, RS256 zone tokens);
+//! - [`xds_build`]: xDS resources as prost messages for it (Kuma's fixtures, re-addressed);
 //! - [`wire`]: stream wrappers that dribble or re-frame the ClientHello, raw ClientHello bytes, a fast PRNG.
 //!
 //! Environment: `ZONE_INGRESS_BIN` (agent binary, default `<workspace>/target/release/zone-ingress`),
@@ -18,12 +20,14 @@
 //! `info`). Everything needs root.
 
 pub mod agent;
+pub mod cp;
 pub mod flood;
 pub mod netns;
 pub mod pki;
 pub mod probe;
 pub mod tls;
 pub mod wire;
+pub mod xds_build;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -55,9 +55,13 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub stats: Arc<Stats>,
     pub routes: Arc<RouteStore>,
-    /// The ZoneIngress resource as loaded (it holds no credentials: tokens never reach it).
-    pub zone_ingress: Arc<ZoneIngress>,
-    pub listen: SocketAddr,
+    /// The ZoneIngress resource as loaded, if one was (it holds no credentials: tokens never
+    /// reach it).
+    pub zone_ingress: Option<Arc<ZoneIngress>>,
+    /// The data listener, once bound (with a control plane: after the first configuration).
+    pub listen: Arc<std::sync::OnceLock<SocketAddr>>,
+    /// The control-plane session (address, name); never the token.
+    pub control_plane: Option<Arc<serde_json::Value>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +114,12 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
-    let body = config_dump_json(&s.zone_ingress, s.listen, &s.routes.load());
+    let body = config_dump_json(
+        s.zone_ingress.as_deref(),
+        s.listen.get().copied(),
+        s.control_plane.as_deref(),
+        &s.routes.load(),
+    );
     (
         [(header::CONTENT_TYPE, "application/json")],
         format!("{body:#}\n"),
@@ -118,7 +127,12 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// The ZoneIngress resource and the route table in force, routes sorted by SNI.
-fn config_dump_json(zi: &ZoneIngress, listen: SocketAddr, table: &RouteTable) -> serde_json::Value {
+fn config_dump_json(
+    zi: Option<&ZoneIngress>,
+    listen: Option<SocketAddr>,
+    control_plane: Option<&serde_json::Value>,
+    table: &RouteTable,
+) -> serde_json::Value {
     let mut routes: Vec<_> = table.routes().collect();
     routes.sort_by(|a, b| a.sni.cmp(&b.sni));
     let routes: Vec<_> = routes
@@ -132,10 +146,11 @@ fn config_dump_json(zi: &ZoneIngress, listen: SocketAddr, table: &RouteTable) ->
         })
         .collect();
     serde_json::json!({
-        "zone_ingress": zi.to_json(),
+        "zone_ingress": zi.map(ZoneIngress::to_json),
+        "control_plane": control_plane,
         "route_table": {
             "source": table.source,
-            "listener": listen.to_string(),
+            "listener": listen.map(|l| l.to_string()),
             "direct_response": table
                 .direct_response()
                 .map(|b| String::from_utf8_lossy(b).into_owned()),
@@ -234,7 +249,7 @@ mod tests {
                 Route::new("a.sni", "default:a", vec![]),
             ],
         );
-        let v = config_dump_json(&zi, zi.listen_addr(), &table);
+        let v = config_dump_json(Some(&zi), Some(zi.listen_addr()), None, &table);
         assert_eq!(v["zone_ingress"]["name"], "zi");
         assert_eq!(v["route_table"]["listener"], "10.0.0.1:10001");
         assert_eq!(v["route_table"]["routes"][0]["sni"], "a.sni");

@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +14,8 @@ use crate::accesslog::{self, AccessLog};
 use crate::admin::{self, Readiness};
 use crate::bpf::BpfPrograms;
 use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
+use crate::cp::tls::Connector;
+use crate::cp::{AdsClient, CpOptions};
 use crate::datapath::DatapathMode;
 use crate::datapath::sockmap::Splicer;
 use crate::listener::{self, ActiveFlows, Ingress};
@@ -25,6 +27,8 @@ use crate::tls::HelloLimits;
 /// Everything `run` needs, already parsed from flags.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// The Kuma control-plane session; `None`: routes from files.
+    pub cp: Option<CpOptions>,
     pub config: Option<PathBuf>,
     pub routes: Option<PathBuf>,
     /// A file of xDS resources (Kuma's Listener/Cluster/ClusterLoadAssignment) used as a static
@@ -93,45 +97,93 @@ fn load_routes(opts: &RunOptions) -> Result<(ZoneIngress, RouteTable)> {
     Ok((zi, routes.to_route_table(path.display().to_string())))
 }
 
+/// Where the listener, the admin API and the first route table come from.
+struct Started {
+    zone_ingress: Option<ZoneIngress>,
+    listen: SocketAddr,
+    /// Where `/ready` alone is served beyond localhost (Kuma's probe address), if anywhere.
+    ready_addr: Option<SocketAddr>,
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let (zi, table) = load_routes(&opts)?;
-    if opts.config.is_none() {
-        tracing::info!(
-            "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
-        );
-    }
+    let mut shutdown = Shutdown::install()?;
     let stats = Arc::new(Stats::new());
-    let routes = Arc::new(RouteStore::new(table));
     let readiness = Arc::new(Readiness::default());
+    let routes = Arc::new(RouteStore::new(RouteTable::new("none yet", [])));
+    let listen_cell = Arc::new(OnceLock::new());
 
     let splicer = load_datapath(&opts)?
         .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
 
-    let listen = zi.listen_addr();
+    let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
+        readiness: readiness.clone(),
+        stats: stats.clone(),
+        routes: routes.clone(),
+        zone_ingress: zi.cloned().map(Arc::new),
+        listen: listen_cell.clone(),
+        control_plane: opts.cp.as_ref().map(|cp| {
+            Arc::new(serde_json::json!({
+                "address": cp.address.to_string(),
+                "name": cp.name,
+                "node_id": format!(".{}", cp.name),
+            }))
+        }),
+    };
+    let started = match &opts.cp {
+        None => {
+            let (zi, table) = load_routes(&opts)?;
+            if opts.config.is_none() {
+                tracing::info!(
+                    "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
+                );
+            }
+            routes.replace(table);
+            let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
+            let admin_listener = admin::bind(admin_addr).await?;
+            tokio::spawn(admin::serve(admin_listener, admin_state(Some(&zi))));
+            Started {
+                listen: zi.listen_addr(),
+                ready_addr: Some(SocketAddr::new(
+                    zi.networking.address,
+                    zi.networking.admin.port,
+                )),
+                zone_ingress: Some(zi),
+            }
+        }
+        Some(cp) => {
+            let zi = opts.config.as_deref().map(ZoneIngress::load).transpose()?;
+            match start_control_plane(cp, zi, &routes, &stats, &readiness, &mut shutdown, |zi| {
+                admin_state(zi)
+            })
+            .await?
+            {
+                Some(s) => s,
+                None => return Ok(()),
+            }
+        }
+    };
+    let listen = started.listen;
+    let name = started
+        .zone_ingress
+        .as_ref()
+        .map(|zi| zi.name.clone())
+        .or_else(|| opts.cp.as_ref().map(|cp| cp.name.clone()))
+        .unwrap_or_default();
     let listener = listener::bind(listen).with_context(|| {
-        format!("cannot listen on {listen} (networking.address/port of ZoneIngress {}): is the address local and the port free?", zi.name)
+        format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
     })?;
-    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
-    let admin_listener = admin::bind(admin_addr).await?;
-    tokio::spawn(admin::serve(
-        admin_listener,
-        admin::AdminState {
-            readiness: readiness.clone(),
-            stats: stats.clone(),
-            routes: routes.clone(),
-            zone_ingress: Arc::new(zi.clone()),
-            listen,
-        },
-    ));
+    let _ = listen_cell.set(listen);
     // Kuma's K8s probe hits podIP:<admin port>/ready. A loopback address is already covered by
     // the admin API; a wildcard one would also expose it (and clash with the 127.0.0.1 bind).
-    let address = zi.networking.address;
-    if address.is_unspecified() {
-        tracing::info!(%address, "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
-    } else if !address.is_loopback() {
-        let ready_addr = SocketAddr::new(address, zi.networking.admin.port);
-        let ready_listener = admin::bind(ready_addr).await?;
-        tokio::spawn(admin::serve_ready_only(ready_listener, readiness.clone()));
+    match started.ready_addr {
+        Some(addr) if addr.ip().is_unspecified() => {
+            tracing::info!(address = %addr.ip(), "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
+        }
+        Some(addr) if !addr.ip().is_loopback() => {
+            let ready_listener = admin::bind(addr).await?;
+            tokio::spawn(admin::serve_ready_only(ready_listener, readiness.clone()));
+        }
+        _ => {}
     }
 
     if let Some(path) = opts.routes.clone() {
@@ -181,14 +233,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
     readiness.set_ready();
     tracing::info!(
-        name = %zi.name,
+        %name,
         %listen,
-        admin = %admin_addr,
         routes = routes.load().len(),
         "zone-ingress listening"
     );
 
-    let signal_name = wait_for_shutdown_signal().await?;
+    let signal_name = shutdown.recv().await;
     readiness.set_terminating();
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -259,11 +310,142 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
     }
 }
 
-async fn wait_for_shutdown_signal() -> Result<&'static str> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, installed once at start so a signal during startup (a bootstrap that is
+/// still retrying) is not lost.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// The control-plane start: bootstrap, admin API (NOT_READY), ADS, and the wait for the first
+/// applied snapshot, which gives the listen address. `None`: a signal came first.
+async fn start_control_plane(
+    cp: &CpOptions,
+    zi: Option<ZoneIngress>,
+    routes: &Arc<RouteStore>,
+    stats: &Arc<Stats>,
+    readiness: &Arc<Readiness>,
+    shutdown: &mut Shutdown,
+    admin_state: impl Fn(Option<&ZoneIngress>) -> admin::AdminState,
+) -> Result<Option<Started>> {
+    cp.token.warn_if_exposed();
+    let token = cp.token.read()?;
+    if token.is_none() {
+        tracing::warn!(
+            "no dataplane token given (--dataplane-token-file); only a control plane with zone proxy authentication `none` accepts this"
+        );
+    }
+    if matches!(cp.trust, Some(crate::cp::Trust::Insecure)) {
+        tracing::warn!(
+            "--skip-verify: the control plane's certificate is NOT verified; anyone on the path can impersonate it"
+        );
+    }
+    let connector = Connector::new(
+        &cp.address.host,
+        cp.address.port,
+        cp.trust.as_ref(),
+        &[b"http/1.1"],
+    )?;
+    tracing::info!(cp = %cp.address, name = %cp.name, "requesting the bootstrap from the control plane");
+    let info = tokio::select! {
+        r = crate::cp::bootstrap::bootstrap(cp, &connector, token.as_deref(), cp.bootstrap_retry_for) => r?,
+        sig = shutdown.recv() => {
+            tracing::info!(signal = sig, "stopped before the control plane answered the bootstrap");
+            return Ok(None);
+        }
+    };
+    let admin_port = info.admin_port.unwrap_or(cp.admin_port);
+    let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
+    let admin_listener = admin::bind(admin_addr).await?;
+    tokio::spawn(admin::serve(admin_listener, admin_state(zi.as_ref())));
+    // kuma-dp's readiness reporter; Kuma's admin listener routes /ready there.
+    if cp.readiness_port != admin_port {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cp.readiness_port));
+        let l = admin::bind(addr).await?;
+        tokio::spawn(admin::serve_ready_only(l, readiness.clone()));
+    }
+
+    let mut ads_connector =
+        Connector::new(&info.xds_host, info.xds_port, cp.trust.as_ref(), &[b"h2"])?;
+    if let Some(sni) = &info.xds_sni {
+        ads_connector = ads_connector.with_server_name(sni)?;
+    }
+    let (applied_tx, mut applied_rx) = watch::channel(None);
+    let mut ads = tokio::spawn(
+        AdsClient::new(
+            Arc::new(cp.clone()),
+            ads_connector,
+            routes.clone(),
+            stats.clone(),
+            applied_tx,
+        )
+        .run(),
+    );
+    tracing::info!(admin = %admin_addr, "waiting for the first configuration from the control plane (/ready says NOT_READY until then)");
+    let first = loop {
+        tokio::select! {
+            changed = applied_rx.changed() => {
+                if changed.is_err() {
+                    // The session ended; its result says why (below, on the next turn).
+                    continue;
+                }
+                if let Some(a) = applied_rx.borrow_and_update().clone() {
+                    break a;
+                }
+            }
+            res = &mut ads => {
+                return match res {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the control-plane session ended before any configuration arrived")),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(anyhow::anyhow!("the control-plane session failed: {e}")),
+                };
+            }
+            sig = shutdown.recv() => {
+                tracing::info!(signal = sig, "stopped before the first configuration arrived");
+                ads.abort();
+                return Ok(None);
+            }
+        }
+    };
+    tokio::spawn(async move {
+        match ads.await {
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "control-plane session stopped; routing continues on the last applied table")
+            }
+            Err(e) if e.is_panic() => {
+                tracing::error!(error = %e, "control-plane session panicked; routing continues on the last applied table")
+            }
+            _ => {}
+        }
+    });
+    let listen = first.routes.listener;
+    if let Some(zi) = &zi
+        && zi.listen_addr() != listen
+    {
+        tracing::info!(resource = %zi.listen_addr(), xds = %listen, "the control plane's listener address differs from the ZoneIngress file; listening where the control plane says, as Envoy does");
+    }
+    let ready_addr = first
+        .admin_listener
+        .unwrap_or(SocketAddr::new(listen.ip(), admin_port));
+    Ok(Some(Started {
+        zone_ingress: zi,
+        listen,
+        ready_addr: Some(ready_addr),
+    }))
 }

@@ -47,10 +47,21 @@ enum LogFormat {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// The ZoneIngress resource (Kuma universal YAML). Without it (and without --routes) the
-    /// embedded default configuration from config/ is used.
-    #[arg(long, short = 'c', value_name = "FILE", env = "ZONE_INGRESS_CONFIG")]
+    /// The ZoneIngress resource (Kuma universal YAML). With --cp-address it is sent to the
+    /// control plane (universal); without a control plane it gives the listen and admin
+    /// addresses. Without it (and without --routes) the embedded default configuration from
+    /// config/ is used. `--config` and `--dataplane` are aliases.
+    #[arg(
+        long = "dataplane-file",
+        short = 'c',
+        visible_alias = "config",
+        alias = "dataplane",
+        value_name = "FILE",
+        env = "ZONE_INGRESS_CONFIG"
+    )]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    cp: CpArgs,
     /// Standalone route table (YAML: `routes: [{sni, endpoints}]`), reloaded on SIGHUP and on change.
     #[arg(long, value_name = "FILE", env = "ZONE_INGRESS_ROUTES")]
     routes: Option<PathBuf>,
@@ -72,6 +83,7 @@ struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     client_hello_timeout: Duration,
     /// Timeout of one connection attempt to an endpoint; the next endpoint is tried after it.
+    /// Routes from xDS use their cluster's connect_timeout instead.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// On SIGTERM/SIGINT, how long live flows may take to finish before the agent exits.
@@ -97,6 +109,56 @@ struct RunArgs {
     agent_config: Option<PathBuf>,
     #[command(flatten)]
     guard: crate::guard::GuardArgs,
+}
+
+/// The Kuma control-plane session: the flags and environment of `kuma-dp run`.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Control plane (kuma-dp compatible)")]
+struct CpArgs {
+    /// The Kuma control plane's dp-server (e.g. https://kuma-control-plane.kuma-system:5678).
+    /// Routes then come from its ADS stream; --routes and --xds-file are not allowed.
+    #[arg(long, value_name = "URL", env = "KUMA_CONTROL_PLANE_URL")]
+    cp_address: Option<String>,
+    /// CA certificate (PEM) that signed the control plane's certificate. Without it the
+    /// system's roots are used.
+    #[arg(long, value_name = "FILE", env = "KUMA_CONTROL_PLANE_CA_CERT_FILE")]
+    ca_cert_file: Option<PathBuf>,
+    /// The same CA as inline PEM.
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "KUMA_CONTROL_PLANE_CA_CERT",
+        hide_env_values = true,
+        conflicts_with = "ca_cert_file"
+    )]
+    ca_cert: Option<String>,
+    /// Do not verify the control plane's certificate. Insecure: for tests only.
+    #[arg(long)]
+    skip_verify: bool,
+    /// File holding the dataplane token: a zone token with scope `ingress` (universal) or the
+    /// pod's ServiceAccount token (Kubernetes). Re-read at every reconnection.
+    #[arg(long, value_name = "FILE", env = "KUMA_DATAPLANE_RUNTIME_TOKEN_PATH")]
+    dataplane_token_file: Option<PathBuf>,
+    /// The dataplane token itself (prefer --dataplane-token-file: a flag shows in `ps`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KUMA_DATAPLANE_RUNTIME_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "dataplane_token_file"
+    )]
+    dataplane_token: Option<String>,
+    /// The ZoneIngress name. Default: the resource's name, else $POD_NAME.$POD_NAMESPACE
+    /// (Kubernetes). Not allowed together with --dataplane-file, which names it.
+    #[arg(long, value_name = "NAME", env = "KUMA_DATAPLANE_NAME")]
+    name: Option<String>,
+    /// The proxy type; only `ingress` is implemented (a ZoneIngress).
+    #[arg(long, value_name = "TYPE", env = "KUMA_DATAPLANE_PROXY_TYPE")]
+    proxy_type: Option<String>,
+    /// Port of kuma-dp's readiness reporter (127.0.0.1), announced to the control plane and
+    /// served with /ready.
+    #[arg(long, value_name = "PORT", default_value_t = crate::cp::DEFAULT_READINESS_PORT, env = "KUMA_READINESS_PORT")]
+    readiness_port: u16,
 }
 
 #[derive(Args, Debug)]
@@ -216,8 +278,123 @@ fn check(args: CheckArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Checks the control-plane flags against each other and the route sources, and builds the
+/// session options (`None` without --cp-address).
+fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
+    use crate::cp::{CpAddress, CpOptions, TokenSource, Trust};
+    let cp = &args.cp;
+    if let Some(t) = cp.proxy_type.as_deref()
+        && t != "ingress"
+    {
+        return Err(format!(
+            "--proxy-type {t:?}: zone-ingress only runs as a zone ingress; use --proxy-type ingress              (sidecars and zone egresses need kuma-dp)"
+        ));
+    }
+    let Some(address) = cp.cp_address.as_deref() else {
+        let stray = [
+            (cp.ca_cert_file.is_some(), "--ca-cert-file"),
+            (cp.ca_cert.is_some(), "--ca-cert"),
+            (cp.skip_verify, "--skip-verify"),
+            (cp.dataplane_token_file.is_some(), "--dataplane-token-file"),
+            (cp.dataplane_token.is_some(), "--dataplane-token"),
+            (cp.name.is_some(), "--name"),
+        ];
+        if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
+            return Err(format!(
+                "{flag} only applies to a control-plane session; give --cp-address (or                  KUMA_CONTROL_PLANE_URL) too, or drop it"
+            ));
+        }
+        return Ok(None);
+    };
+    if args.routes.is_some() || args.xds_file.is_some() {
+        return Err(
+            "--cp-address conflicts with --routes/--xds-file: routes come from the control plane              or from a file, not both"
+                .into(),
+        );
+    }
+    let address = CpAddress::parse(address).map_err(|e| e.to_string())?;
+    let trust = if !address.tls {
+        if cp.ca_cert_file.is_some() || cp.ca_cert.is_some() || cp.skip_verify {
+            return Err(format!(
+                "--cp-address {address} is plain http, so --ca-cert-file/--ca-cert/--skip-verify                  have nothing to verify; use https://"
+            ));
+        }
+        None
+    } else if cp.skip_verify {
+        if cp.ca_cert_file.is_some() || cp.ca_cert.is_some() {
+            return Err("--skip-verify conflicts with --ca-cert-file/--ca-cert".into());
+        }
+        Some(Trust::Insecure)
+    } else if let Some(path) = &cp.ca_cert_file {
+        Some(Trust::CaPem(
+            crate::cp::tls::read_ca_file(path).map_err(|e| e.to_string())?,
+        ))
+    } else if let Some(pem) = &cp.ca_cert {
+        Some(Trust::CaPem(pem.as_bytes().to_vec()))
+    } else {
+        Some(Trust::SystemRoots)
+    };
+    let token = match (&cp.dataplane_token_file, &cp.dataplane_token) {
+        (Some(path), _) => TokenSource::File(path.clone()),
+        (None, Some(t)) => TokenSource::Inline(t.clone()),
+        (None, None) => TokenSource::None,
+    };
+    let resource = match &args.config {
+        Some(path) => Some(crate::config::ZoneIngress::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let name = match (&resource, &cp.name) {
+        (Some(zi), Some(n)) if *n != zi.name => {
+            return Err(format!(
+                "--name {n:?} conflicts with --dataplane-file, whose resource is named {:?};                  drop --name (kuma-dp takes the name from the resource)",
+                zi.name
+            ));
+        }
+        (Some(zi), _) => zi.name.clone(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => match (
+            std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()),
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        ) {
+            (Some(pod), Some(ns)) => format!("{pod}.{ns}"),
+            _ => {
+                return Err(
+                    "the ZoneIngress has no name: give --dataplane-file (universal), --name, or                      POD_NAME and POD_NAMESPACE (Kubernetes)"
+                        .into(),
+                );
+            }
+        },
+    };
+    if name.is_empty() || name.starts_with('.') {
+        return Err(format!("--name {name:?} is not a valid ZoneIngress name"));
+    }
+    Ok(Some(CpOptions {
+        address,
+        trust,
+        token,
+        name,
+        dataplane_resource: resource.as_ref().map(|zi| zi.to_json().to_string()),
+        admin_port: resource
+            .as_ref()
+            .map(|zi| zi.networking.admin.port)
+            .unwrap_or(crate::config::DEFAULT_ADMIN_PORT),
+        readiness_port: cp.readiness_port,
+        bootstrap_retry_for: crate::cp::bootstrap::RETRY_FOR,
+    }))
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    let cp = match cp_options(&args) {
+        Ok(cp) => cp,
+        Err(e) => {
+            eprintln!("zone-ingress: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = RunOptions {
+        cp,
         config: args.config,
         routes: args.routes,
         xds_file: args.xds_file,

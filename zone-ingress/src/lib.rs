@@ -4,10 +4,10 @@
 //! [`config`] (ZoneIngress resource, standalone routes) → [`routes`] (immutable SNI → endpoints
 //! snapshot, swapped atomically) → [`listener`] (accept, [`tls`] ClientHello read, route,
 //! [`upstream`] connect with failover) → [`datapath`] (userspace copy, kernel splice via [`bpf`]).
-//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables; [`maps`] reads
-//! the pinned BPF maps for operators (`zone-ingress maps dump`).
-//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] swaps route tables. [`guard`]
-//! (XDP) filters packets to the listener before the kernel's stack sees them.
+//! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] (files) and [`cp`] (the Kuma
+//! control plane's ADS stream) swap route tables; [`maps`] reads the pinned BPF maps for
+//! operators (`zone-ingress maps dump`). [`guard`] (XDP) filters packets to the listener before
+//! the kernel's stack sees them.
 
 pub mod accesslog;
 pub mod admin;
@@ -15,6 +15,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod cp;
 pub mod datapath;
 pub mod guard;
 pub mod listener;

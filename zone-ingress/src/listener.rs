@@ -170,7 +170,12 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         return;
     };
     drop(table);
-    let connected = upstream::connect(&route, ingress.connect_timeout, &ingress.stats).await;
+    let connected = upstream::connect(
+        &route,
+        route.connect_timeout.unwrap_or(ingress.connect_timeout),
+        &ingress.stats,
+    )
+    .await;
     let (up, endpoint) = match connected {
         Ok(c) => c,
         Err(e) => {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -18,8 +19,48 @@ pub struct Route {
     /// The cluster (a Kuma service) the route belongs to; the SNI itself for standalone routes.
     pub cluster: Arc<str>,
     pub endpoints: Vec<SocketAddr>,
+    /// The order picks visit `endpoints` in (indices): each endpoint once with equal weights,
+    /// `weight` times, interleaved, otherwise (Envoy's weighted round robin).
+    schedule: Vec<u32>,
+    /// The cluster's `connect_timeout` (xDS); `None`: the agent's `--connect-timeout`.
+    pub connect_timeout: Option<Duration>,
     /// Round-robin position, shared by the flows of this route in this snapshot.
     next: AtomicUsize,
+}
+
+/// Longest weighted schedule kept per route; larger weights are scaled down to fit (the ratio
+/// stays within a rounding error, and every endpoint keeps at least one slot).
+const MAX_SCHEDULE: u64 = 4096;
+
+/// Interleaves endpoints by weight, earliest-deadline-first: endpoint `i` is due at
+/// `(k + 1) / w_i` for its k-th pick, so a heavy endpoint is spread over the cycle rather than
+/// picked in a burst.
+fn weighted_schedule(weights: &[u32]) -> Vec<u32> {
+    let n = weights.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let total: u64 = weights.iter().map(|w| u64::from((*w).max(1))).sum();
+    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+    let w: Vec<u64> = weights
+        .iter()
+        .map(|x| (u64::from((*x).max(1)) / scale).max(1))
+        .collect();
+    let slots: u64 = w.iter().sum();
+    let mut picked = vec![0u64; n];
+    let mut out = Vec::with_capacity(usize::try_from(slots).unwrap_or(0));
+    for _ in 0..slots {
+        // Next due: smallest (picked+1)/w, compared exactly as (picked+1)*w_other.
+        let mut best = 0;
+        for i in 1..n {
+            if (picked[i] + 1) * w[best] < (picked[best] + 1) * w[i] {
+                best = i;
+            }
+        }
+        picked[best] += 1;
+        out.push(u32::try_from(best).unwrap_or(0));
+    }
+    out
 }
 
 impl Route {
@@ -28,22 +69,40 @@ impl Route {
         cluster: impl Into<Arc<str>>,
         endpoints: Vec<SocketAddr>,
     ) -> Self {
+        let schedule = (0..u32::try_from(endpoints.len()).unwrap_or(u32::MAX)).collect();
         Self {
             sni: sni.into(),
             cluster: cluster.into(),
             endpoints,
+            schedule,
+            connect_timeout: None,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Every endpoint once, starting at the next round-robin position: the first is the pick, the
-    /// rest are the failover order.
+    /// The same route with EDS weights, one per endpoint (in `endpoints` order). Weights of 0
+    /// count as 1 (Envoy refuses 0; the xDS layer already did).
+    pub fn with_weights(mut self, weights: &[u32]) -> Self {
+        if weights.len() == self.endpoints.len() && weights.iter().any(|w| *w != weights[0]) {
+            self.schedule = weighted_schedule(weights);
+        }
+        self
+    }
+
+    pub fn with_connect_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Every endpoint once, starting at the next (weighted) round-robin pick: the first is the
+    /// pick, the rest are the failover order.
     pub fn endpoints_round_robin(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         let n = self.endpoints.len();
-        let start = if n == 0 {
+        let start = if n == 0 || self.schedule.is_empty() {
             0
         } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
+            let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+            self.schedule[slot] as usize
         };
         (0..n).map(move |i| self.endpoints[(start + i) % n])
     }
@@ -151,6 +210,29 @@ mod tests {
         );
         let empty = Route::new("b", "b", vec![]);
         assert_eq!(empty.endpoints_round_robin().count(), 0);
+    }
+
+    #[test]
+    fn weights_shape_the_picks_and_failover_still_visits_everyone() {
+        let eps = vec![addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1")];
+        let r = Route::new("a", "a", eps.clone()).with_weights(&[3, 1, 0]);
+        let mut firsts = HashMap::new();
+        for _ in 0..500 {
+            let order: Vec<_> = r.endpoints_round_robin().collect();
+            assert_eq!(order.len(), 3);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, eps);
+            *firsts.entry(order[0]).or_insert(0u32) += 1;
+        }
+        // Schedule of 5 slots (3, 1, 1): 300 / 100 / 100 over 500 picks.
+        assert_eq!(firsts[&eps[0]], 300);
+        assert_eq!(firsts[&eps[1]], 100);
+        assert_eq!(firsts[&eps[2]], 100);
+        // Interleaved, not a burst of three.
+        assert_eq!(weighted_schedule(&[3, 1]), vec![0, 1, 0, 0]);
+        // Huge weights are scaled into a bounded schedule.
+        assert!(weighted_schedule(&[u32::MAX, 1]).len() as u64 <= MAX_SCHEDULE + 1);
     }
 
     #[test]

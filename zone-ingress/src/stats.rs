@@ -18,6 +18,12 @@ use std::time::Instant;
 /// Envoy's per-cluster (and per tcp_proxy stat prefix) counters, for the Envoy-named metrics.
 #[derive(Debug, Default)]
 struct ClusterCounters {
+    /// EDS updates accepted / rejected for this cluster (Envoy's `cluster.<name>.update_*`).
+    update_success: AtomicU64,
+    update_rejected: AtomicU64,
+    /// Endpoints of this cluster in the applied table (`membership_healthy`: the CP sends only
+    /// healthy ones).
+    membership_healthy: AtomicU64,
     upstream_cx_total: AtomicU64,
     upstream_cx_connect_fail: AtomicU64,
     downstream_rx_bytes: AtomicU64,
@@ -123,6 +129,23 @@ struct ResultLabel {
 /// Reads the kernel's per-route byte counters, summed per cluster (client -> endpoint, endpoint
 /// -> client), when the spliced datapath is loaded.
 pub type KernelRouteBytes = Box<dyn Fn() -> BTreeMap<String, (u64, u64)> + Send + Sync>;
+/// Which xDS resource type an update carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdsKind {
+    Cds,
+    Eds,
+    Lds,
+}
+
+/// Control-plane session counters (Envoy's `cluster_manager.cds.*`, `listener_manager.lds.*`).
+#[derive(Default)]
+struct XdsCounters {
+    connected: std::sync::atomic::AtomicBool,
+    cds_success: AtomicU64,
+    cds_rejected: AtomicU64,
+    lds_success: AtomicU64,
+    lds_rejected: AtomicU64,
+}
 
 /// All counters of one agent.
 pub struct Stats {
@@ -150,6 +173,7 @@ pub struct Stats {
     kernel_route_bytes: OnceLock<KernelRouteBytes>,
     /// Reads the XDP guard's counters at scrape time; set once the guard is attached.
     guard: OnceLock<GuardCountersFn>,
+    xds: XdsCounters,
 }
 
 /// Reads the XDP guard's counters (in `GuardCounter::ALL` order); `None` when they cannot be read.
@@ -275,6 +299,7 @@ impl Stats {
             clusters: RwLock::new(BTreeMap::new()),
             kernel_route_bytes: OnceLock::new(),
             guard: OnceLock::new(),
+            xds: XdsCounters::default(),
         }
     }
 
@@ -490,10 +515,62 @@ impl Stats {
             &[(String::new(), resident_bytes())],
         );
         metric(
+            "envoy_cluster_membership_healthy",
+            "gauge",
+            "Endpoints of the cluster in the applied route table (Envoy name)",
+            &rows("envoy_cluster_name", &|c, _| {
+                c.membership_healthy.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_cluster_update_success",
+            "counter",
+            "EDS updates applied to the cluster (Envoy name)",
+            &rows("envoy_cluster_name", &|c, _| {
+                c.update_success.load(Ordering::Relaxed)
+            }),
+        );
+        metric(
+            "envoy_cluster_update_rejected",
+            "counter",
+            "EDS updates rejected (NACKed) while the cluster existed (Envoy name)",
+            &rows("envoy_cluster_name", &|c, _| {
+                c.update_rejected.load(Ordering::Relaxed)
+            }),
+        );
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metric(
+            "envoy_cluster_manager_cds_update_success",
+            "counter",
+            "CDS updates accepted (Envoy name)",
+            &[(String::new(), load(&self.xds.cds_success))],
+        );
+        metric(
+            "envoy_cluster_manager_cds_update_rejected",
+            "counter",
+            "CDS updates rejected (Envoy name)",
+            &[(String::new(), load(&self.xds.cds_rejected))],
+        );
+        metric(
+            "envoy_listener_manager_lds_update_success",
+            "counter",
+            "LDS updates accepted (Envoy name)",
+            &[(String::new(), load(&self.xds.lds_success))],
+        );
+        metric(
+            "envoy_listener_manager_lds_update_rejected",
+            "counter",
+            "LDS updates rejected (Envoy name)",
+            &[(String::new(), load(&self.xds.lds_rejected))],
+        );
+        metric(
             "envoy_control_plane_connected_state",
             "gauge",
-            "1 while connected to a control plane; always 0: the agent reads its routes from files",
-            &[(String::new(), 0)],
+            "1 while the ADS stream to the control plane is open (Envoy name); 0 with file-based routes",
+            &[(
+                String::new(),
+                u64::from(self.xds.connected.load(Ordering::Relaxed)),
+            )],
         );
     }
 
@@ -571,6 +648,70 @@ impl Stats {
 
     pub fn upstream_unavailable(&self) {
         self.upstream_unavailable.inc();
+    }
+
+    pub fn set_control_plane_connected(&self, connected: bool) {
+        self.xds.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// An xDS response was accepted or rejected. `clusters` are the clusters an accepted EDS
+    /// update carried (each gets `update_success`); a rejected EDS update counts for every
+    /// cluster known so far, as Envoy cannot tell which one was meant either.
+    pub fn xds_update(&self, kind: XdsKind, accepted: bool, clusters: &[String]) {
+        let bump = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        match (kind, accepted) {
+            (XdsKind::Cds, true) => bump(&self.xds.cds_success),
+            (XdsKind::Cds, false) => bump(&self.xds.cds_rejected),
+            (XdsKind::Lds, true) => bump(&self.xds.lds_success),
+            (XdsKind::Lds, false) => bump(&self.xds.lds_rejected),
+            (XdsKind::Eds, true) => {
+                for c in clusters {
+                    bump(&self.cluster(c).update_success);
+                }
+            }
+            (XdsKind::Eds, false) => {
+                let all: Vec<Arc<ClusterCounters>> = self
+                    .clusters
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                for c in all {
+                    bump(&c.update_rejected);
+                }
+            }
+        }
+        self.route_update(accepted);
+    }
+
+    /// Sets `membership_healthy` of every cluster from an applied xDS table.
+    pub fn set_cluster_membership(&self, routes: &crate::xds::XdsRoutes) {
+        let mut per_cluster: BTreeMap<&str, std::collections::BTreeSet<std::net::SocketAddr>> =
+            BTreeMap::new();
+        for r in &routes.routes {
+            per_cluster
+                .entry(r.cluster.as_str())
+                .or_default()
+                .extend(r.endpoints.iter().map(|e| e.address));
+        }
+        let known: Vec<Arc<ClusterCounters>> = self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in known {
+            c.membership_healthy.store(0, Ordering::Relaxed);
+        }
+        for (name, eps) in per_cluster {
+            self.cluster(name)
+                .membership_healthy
+                .store(eps.len() as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn route_update(&self, applied: bool) {

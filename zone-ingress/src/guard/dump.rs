@@ -12,7 +12,6 @@ use zone_ingress_common::guard::{GuardConfig, GuardCounter, map_names};
 /// Sources listed as limited right now, at most (the count covers them all).
 const MAX_LIMITED_LISTED: usize = 100;
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
     #[error(
@@ -252,7 +251,6 @@ impl GuardDump {
         out
     }
 }
-
 
 #[cfg(test)]
 mod tests {

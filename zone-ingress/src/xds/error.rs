@@ -189,6 +189,18 @@ fn fmt_snis(names: &[String]) -> String {
 }
 
 impl XdsError {
+    /// The snapshot refers to something not delivered yet (a listener, a cluster, its
+    /// endpoints): valid so far, but not a table to apply. Over ADS such an update is ACKed and
+    /// applied when the rest arrives, as Envoy warms clusters.
+    pub fn is_incomplete(&self) -> bool {
+        matches!(
+            self,
+            XdsError::NoListener { .. }
+                | XdsError::UnknownCluster { .. }
+                | XdsError::NoLoadAssignment { .. }
+        )
+    }
+
     pub(crate) fn decode(
         field: impl Into<String>,
         message: impl Into<String>,

@@ -106,15 +106,18 @@ impl XdsRoutes {
         serde_json::to_string(&doc).unwrap_or_default()
     }
 
-    /// The routing snapshot the listener uses. The listener's round robin ignores weights
-    /// (all 1 from Kuma) and the global `--connect-timeout` applies, not the cluster's.
+    /// The routing snapshot the listener uses: EDS weights shape the round robin and the
+    /// cluster's `connect_timeout` bounds each connection attempt.
     pub fn to_route_table(&self, source: impl Into<String>) -> RouteTable {
         let routes = self.routes.iter().map(|r| {
+            let weights: Vec<u32> = r.endpoints.iter().map(|e| e.weight).collect();
             Route::new(
                 r.sni.as_str(),
                 r.cluster.as_str(),
                 r.endpoints.iter().map(|e| e.address).collect(),
             )
+            .with_weights(&weights)
+            .with_connect_timeout(Some(r.connect_timeout))
         });
         RouteTable::new(source, routes)
             .with_direct_response(self.direct_response.as_deref().map(Arc::<[u8]>::from))
