@@ -107,6 +107,13 @@ impl RunHelp {
             }
             if let Some((_, opt)) = current.as_mut() {
                 read_brackets(t, opt);
+                // Long help lists documented values one per line: `- auto: what it does`.
+                if let Some(item) = t.strip_prefix("- ")
+                    && let Some((value, _)) = item.split_once(':')
+                    && !value.contains(' ')
+                {
+                    opt.possible_values.push(value.to_owned());
+                }
             }
         }
         if let Some((flag, opt)) = current.take() {
@@ -200,6 +207,10 @@ Options:
       --log-format <LOG_FORMAT>
           Log format
 
+          Possible values:
+          - plain: Text
+          - json:  One object per line
+
   -h, --help
           Print help (see a summary with '-h')
 ";
@@ -228,6 +239,7 @@ Options:
         assert!(h.options["--drain-time"].takes_value);
         assert!(!h.options["--help"].takes_value);
         assert_eq!(h.options["--log-format"].env, None);
+        assert_eq!(h.options["--log-format"].possible_values, ["plain", "json"]);
         assert_eq!(
             h.flag_for_env("KUMA_DATAPLANE_DRAIN_TIME"),
             Some("--drain-time")
