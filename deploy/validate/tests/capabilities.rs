@@ -34,8 +34,7 @@ fn daemonset_caps() -> BTreeSet<String> {
         .iter()
         .find(|o| o.kind == "DaemonSet")
         .unwrap();
-    ds.value["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-        ["add"]
+    ds.value["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
         .as_array()
         .unwrap()
         .iter()
@@ -89,7 +88,9 @@ impl Restricted {
         .unwrap();
         std::fs::write(
             &routes,
-            format!("routes:\n  - sni: \"{SNI_BACKEND}\"\n    endpoints: [\"{LOCAL}:{BACKEND}\"]\n"),
+            format!(
+                "routes:\n  - sni: \"{SNI_BACKEND}\"\n    endpoints: [\"{LOCAL}:{BACKEND}\"]\n"
+            ),
         )
         .unwrap();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", unique_suffix()));
@@ -225,13 +226,9 @@ async fn deployment_capabilities_load_pin_and_splice() {
         drop(s);
         let outcome = backend.outcome(Duration::from_secs(10)).await;
         assert_eq!(outcome.sni.as_deref(), Some(SNI_BACKEND));
-        let (code, text) = http_get(
-            &ns,
-            SocketAddr::from((LOCAL, ADMIN)),
-            "/stats/prometheus",
-        )
-        .await
-        .expect("metrics");
+        let (code, text) = http_get(&ns, SocketAddr::from((LOCAL, ADMIN)), "/stats/prometheus")
+            .await
+            .expect("metrics");
         assert_eq!(code, 200);
         let m = Metrics::parse(&text);
         assert_eq!(
