@@ -33,7 +33,7 @@ pub struct Route {
 const MAX_SCHEDULE: u64 = 4096;
 
 /// Interleaves endpoints by weight, earliest-deadline-first: endpoint `i` is due at
-/// `(k + 1) / w_i` for its k-th pick, so a heavy endpoint is spread over the cycle rather than
+/// `(k + 1/2) / w_i` for its k-th pick, so a heavy endpoint is spread over the cycle rather than
 /// picked in a burst.
 fn weighted_schedule(weights: &[u32]) -> Vec<u32> {
     let n = weights.len();
@@ -50,10 +50,10 @@ fn weighted_schedule(weights: &[u32]) -> Vec<u32> {
     let mut picked = vec![0u64; n];
     let mut out = Vec::with_capacity(usize::try_from(slots).unwrap_or(0));
     for _ in 0..slots {
-        // Next due: smallest (picked+1)/w, compared exactly as (picked+1)*w_other.
+        // Next due: smallest (2·picked+1)/(2w), compared exactly by cross-multiplying.
         let mut best = 0;
         for i in 1..n {
-            if (picked[i] + 1) * w[best] < (picked[best] + 1) * w[i] {
+            if (2 * picked[i] + 1) * w[best] < (2 * picked[best] + 1) * w[i] {
                 best = i;
             }
         }
@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(firsts[&eps[1]], 100);
         assert_eq!(firsts[&eps[2]], 100);
         // Interleaved, not a burst of three.
-        assert_eq!(weighted_schedule(&[3, 1]), vec![0, 1, 0, 0]);
+        assert_eq!(weighted_schedule(&[3, 1]), vec![0, 0, 1, 0]);
         // Huge weights are scaled into a bounded schedule.
         assert!(weighted_schedule(&[u32::MAX, 1]).len() as u64 <= MAX_SCHEDULE + 1);
     }

@@ -573,8 +573,9 @@ mod tests {
         c.per_connection_buffer_limit_bytes = Some(protobuf::UInt32Value { value: 1 });
         let err = cluster(&any(&c), "resources[0]").unwrap_err().to_string();
         assert!(err.contains("cluster \"mesh:backend\""), "{err}");
+        // per_connection_buffer_limit_bytes is field 5 of Cluster.
         assert!(
-            err.contains("#7 of envoy.config.cluster.v3.Cluster"),
+            err.contains("#5 of envoy.config.cluster.v3.Cluster"),
             "{err}"
         );
     }
