@@ -40,7 +40,9 @@ pub const KUMA_DP_INTERFACE: &[(&str, Option<&str>)] = &[
         Some("KUMA_DATAPLANE_RUNTIME_TOKEN_PATH"),
     ),
     ("--dataplane-token", Some("KUMA_DATAPLANE_RUNTIME_TOKEN")),
-    ("--dataplane-file", None),
+    // kuma-dp reads the resource file from its flag only; zone-ingress also takes it from
+    // ZONE_INGRESS_CONFIG (the variable of its `--config` alias).
+    ("--dataplane-file", Some("ZONE_INGRESS_CONFIG")),
     ("--name", Some("KUMA_DATAPLANE_NAME")),
     ("--proxy-type", Some("KUMA_DATAPLANE_PROXY_TYPE")),
     ("--drain-time", Some("KUMA_DATAPLANE_DRAIN_TIME")),
