@@ -606,6 +606,79 @@ pub(crate) mod testutil {
     pub(crate) const MS_SNI: &str = "a601e0c00295a9fbe.backend.80.default.ms";
     pub(crate) const LEGACY_SNI: &[u8] = b"backend{mesh=default,version=v2}";
 
+    /// A ClientHello captured off a socket from a real client, with what it must parse to.
+    pub(crate) struct Captured {
+        pub name: &'static str,
+        pub bytes: &'static [u8],
+        pub sni: &'static [u8],
+        pub alpn: &'static [&'static [u8]],
+    }
+
+    /// The fuzzing seeds under `fuzz/seeds/client_hello/`, captured by
+    /// `tests/examples/capture_hellos.rs` (see fuzz/README.md); shared with these tests so the
+    /// properties below run on what rustls, openssl and curl really send.
+    pub(crate) const CAPTURED: &[Captured] = &[
+        Captured {
+            name: "rustls-tls13-mtls",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/rustls-tls13-mtls.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[],
+        },
+        Captured {
+            name: "rustls-tls12-alpn-kuma",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/rustls-tls12-alpn-kuma.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls13-legacy-sni",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/openssl-tls13-legacy-sni.bin"),
+            sni: b"backend{mesh=default}",
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls13-legacy-sni-4-records",
+            bytes: include_bytes!(
+                "../../../fuzz/seeds/client_hello/openssl-tls13-legacy-sni-4-records.bin"
+            ),
+            sni: b"backend{mesh=default}",
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls12-mesh-service-sni",
+            bytes: include_bytes!(
+                "../../../fuzz/seeds/client_hello/openssl-tls12-mesh-service-sni.bin"
+            ),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[],
+        },
+        Captured {
+            name: "curl-tls13-h2",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/curl-tls13-h2.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"h2", b"http/1.1"],
+        },
+        Captured {
+            name: "curl-tls12",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/curl-tls12.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"http/1.1"],
+        },
+    ];
+
+    /// The handshake message carried by the records of `bytes` (record headers removed), so it
+    /// can be re-fragmented into other record sizes.
+    pub(crate) fn handshake_message(bytes: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        let mut rest = bytes;
+        while rest.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            msg.extend_from_slice(&rest[5..5 + len]);
+            rest = &rest[5 + len..];
+        }
+        msg
+    }
+
     /// A real ClientHello as rustls sends it (first flight, one or more records).
     pub(crate) fn rustls_hello(sni: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -1125,6 +1198,68 @@ mod tests {
             assert_eq!(parse_client_hello(&bytes[..end]), Ok(Progress::NeedMore));
         }
         parse_client_hello(bytes)
+    }
+
+    #[test]
+    fn captured_hellos_of_real_clients_parse() {
+        for c in CAPTURED {
+            let hello = done(c.bytes);
+            assert_eq!(hello.sni.as_deref(), Some(c.sni), "{}", c.name);
+            let alpn: Vec<Vec<u8>> = c.alpn.iter().map(|p| p.to_vec()).collect();
+            assert_eq!(hello.alpn, alpn, "{}", c.name);
+            assert_eq!(hello.records_len, c.bytes.len(), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_captured_hello_is_incomplete() {
+        for c in CAPTURED {
+            for n in 0..c.bytes.len() {
+                assert_eq!(
+                    parse_client_hello(&c.bytes[..n]),
+                    Ok(Progress::NeedMore),
+                    "{}: prefix of {n}/{} bytes",
+                    c.name,
+                    c.bytes.len()
+                );
+            }
+        }
+    }
+
+    proptest! {
+        /// TCP segmentation: whatever the segment sizes, every intermediate answer is NeedMore
+        /// and the last is the same hello.
+        #[test]
+        fn prop_captured_hello_any_segmentation(
+            which in 0..CAPTURED.len(),
+            segments in proptest::collection::vec(1usize..64, 0..80),
+        ) {
+            let c = &CAPTURED[which];
+            let whole = parse_client_hello(c.bytes);
+            prop_assert_eq!(feed(c.bytes, &segments), whole);
+        }
+
+        /// TLS record fragmentation: the same handshake message cut into any record sizes gives
+        /// the same SNI and ALPN, and every truncation of the result is NeedMore, never an error
+        /// or a different SNI.
+        #[test]
+        fn prop_captured_hello_any_record_fragmentation(
+            which in 0..CAPTURED.len(),
+            frags in proptest::collection::vec(1usize..120, 0..12),
+            segments in proptest::collection::vec(1usize..200, 0..20),
+        ) {
+            let c = &CAPTURED[which];
+            let bytes = records(&handshake_message(c.bytes), &frags);
+            let Ok(Progress::Done(hello)) = feed(&bytes, &segments) else {
+                panic!("{}: re-fragmented hello did not parse", c.name)
+            };
+            prop_assert_eq!(hello.sni.as_deref(), Some(c.sni));
+            prop_assert_eq!(hello.alpn.len(), c.alpn.len());
+            prop_assert_eq!(hello.records_len, bytes.len());
+            for n in 0..bytes.len() {
+                prop_assert_eq!(parse_client_hello(&bytes[..n]), Ok(Progress::NeedMore), "prefix {}", n);
+            }
+        }
     }
 
     proptest! {
