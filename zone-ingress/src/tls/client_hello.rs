@@ -159,11 +159,19 @@ fn reassemble(buf: &[u8]) -> Result<Reassembled, ParseError> {
             .and_then(|b| <[u8; 2]>::try_from(b).ok())
             .map(|b| usize::from(u16::from_be_bytes(b)))
         else {
+            // The content type (byte 0) and major version (byte 1) are checked one byte at a
+            // time, so a non-TLS peer is refused as soon as that byte arrives; after them
+            // nothing is checked before the length is complete.
+            let at_least = if header.len() < 2 {
+                buf.len() + 1
+            } else {
+                pos + RECORD_HEADER_LEN
+            };
             return Ok(Reassembled {
                 msg,
                 msg_len,
                 records_len: None,
-                at_least: pos + RECORD_HEADER_LEN,
+                at_least,
             });
         };
         if payload_len == 0 {
@@ -207,9 +215,11 @@ fn reassemble(buf: &[u8]) -> Result<Reassembled, ParseError> {
         }
         if !record_complete {
             let at_least = if msg_len.is_none() {
-                // Parse again as soon as the handshake header is in, so an oversized length is
-                // refused without waiting for the rest of the record.
-                (body_start + header_missing).min(body_end)
+                // Parse again as soon as the handshake type byte is in (a ServerHello or any
+                // other type is refused at once), then once the whole handshake header is in,
+                // so an oversized length is refused without waiting for the rest of the record.
+                let next_check = if msg.is_empty() { 1 } else { header_missing };
+                (body_start + next_check).min(body_end)
             } else {
                 body_end
             };
@@ -1145,6 +1155,52 @@ mod tests {
                     break;
                 }
                 Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Parses the way the reader does: only again once the buffer reaches the last hint.
+    fn parse_at_hints(bytes: &[u8]) -> Result<Progress, ParseError> {
+        let mut n = 0;
+        loop {
+            match parse_step(&bytes[..n])? {
+                Step::Done(h) => return Ok(Progress::Done(h)),
+                Step::NeedMore { at_least } if at_least > bytes.len() => {
+                    return Ok(Progress::NeedMore);
+                }
+                Step::NeedMore { at_least } => n = at_least,
+            }
+        }
+    }
+
+    /// Found by the `client_hello` fuzz target: after the first byte the hint jumped to the
+    /// end of the record header, so a peer sending `16 00 16` then EOF was "closed early"
+    /// (and one that stalled, a timeout) rather than refused as not TLS at its second byte.
+    /// The same held for a bad content type of a later record and for the handshake type.
+    #[test]
+    fn need_more_hint_never_skips_a_header_check() {
+        let second = {
+            let mut b = records(&HelloBuilder::new().sni(LEGACY_SNI).message()[..10], &[]);
+            b.push(23);
+            b
+        };
+        let cases: [&[u8]; 5] = [
+            &[22, 0, 22],
+            &[22, 4],
+            &second,
+            &[22, 3, 1, 0, 64, 2],
+            &[22, 3, 1, 0, 64, 2, 0],
+        ];
+        for bytes in cases {
+            // The message may know less (a minor version not yet in), not the kind of error.
+            let (whole, hinted) = (parse_client_hello(bytes), parse_at_hints(bytes));
+            match (&whole, &hinted) {
+                (Err(a), Err(b)) => assert_eq!(
+                    std::mem::discriminant(a),
+                    std::mem::discriminant(b),
+                    "{bytes:?}: {a:?} vs {b:?}"
+                ),
+                _ => panic!("{bytes:?}: whole {whole:?}, at the hints {hinted:?}"),
             }
         }
     }
