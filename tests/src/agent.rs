@@ -394,6 +394,57 @@ impl<'ns> Agent<'ns> {
     pub fn sighup(&self) {
         self.signal(libc::SIGHUP);
     }
+
+    /// The agent's open file descriptor numbers, sorted (from `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Vec<u32> {
+        let dir = format!("/proc/{}/fd", self.child.id());
+        let mut fds: Vec<u32> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("list {dir}: {e}"))
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort_unstable();
+        fds
+    }
+
+    /// The descriptor number the agent's next `socket()`/`accept()` gets: the lowest one not open.
+    pub fn lowest_free_fd(&self) -> u32 {
+        let fds = self.open_fds();
+        (0u32..)
+            .find(|n| fds.binary_search(n).is_err())
+            .expect("some descriptor number is free")
+    }
+
+    /// Sets the running agent's soft `RLIMIT_NOFILE` (prlimit(2), as `ulimit -n` would have at start);
+    /// returns the previous soft limit. Descriptors already open stay open; a new one numbered at or above
+    /// the limit fails with EMFILE.
+    pub fn set_nofile_soft_limit(&self, soft: u64) -> u64 {
+        let pid = self.child.id() as libc::pid_t;
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a null new limit only reads the current one into `old`, a valid rlimit.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(
+            rc,
+            0,
+            "prlimit({pid}) read: {}",
+            std::io::Error::last_os_error()
+        );
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: `new` is a valid rlimit; the old value is not requested.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(
+            rc,
+            0,
+            "prlimit({pid}, RLIMIT_NOFILE, {soft}): {}",
+            std::io::Error::last_os_error()
+        );
+        old.rlim_cur
+    }
 }
 
 impl Drop for Agent<'_> {

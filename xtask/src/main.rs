@@ -7,6 +7,7 @@
 mod bench;
 mod build;
 mod debian;
+mod fuzz;
 mod test;
 mod toolchain;
 
@@ -42,6 +43,9 @@ enum Command {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the fuzz smoke step (each fuzz target for 30 s after the tests).
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -53,6 +57,20 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the cargo-fuzz targets in fuzz/ (stable toolchain, RUSTC_BOOTSTRAP=1), one after the other,
+    /// and print executions and coverage. The corpus grows in fuzz/corpus/<target>; crashes land in
+    /// fuzz/artifacts/<target>/.
+    Fuzz {
+        /// Only this target (client_hello, routes_config, zone_ingress_config, xds).
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// `address` (AddressSanitizer) or `none` (faster, catches panics only).
+        #[arg(long, default_value = "address", value_parser = ["address", "none"])]
+        sanitizer: String,
+    },
     /// Install what the other commands need (nightly rust-src, bpf-linker, Debian packages), then exit.
     Setup,
 }
@@ -62,7 +80,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build => build::build_all().map(|_| ()),
         Command::Run { args } => build::build_all().and_then(|bin| build::run_agent(&bin, &args)),
-        Command::Test { no_lint, args } => test::run(no_lint, &args),
+        Command::Test {
+            no_lint,
+            no_fuzz,
+            args,
+        } => test::run(no_lint, no_fuzz, &args),
+        Command::Fuzz {
+            target,
+            seconds,
+            sanitizer,
+        } => fuzz::run(target.as_deref(), seconds, &sanitizer),
         Command::Bench { args } => bench::run(&args),
         Command::Setup => toolchain::ensure_bpf_toolchain()
             .map(|_| ())

@@ -4,9 +4,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{build, debian, step, workspace_root};
+use crate::{build, debian, fuzz, step, workspace_root};
 
-pub fn run(no_lint: bool, extra: &[String]) -> Result<()> {
+pub fn run(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     let root = workspace_root();
     if !debian::is_root() {
         bail!(
@@ -56,7 +56,16 @@ pub fn run(no_lint: bool, extra: &[String]) -> Result<()> {
             .args(["test", "--release", "--workspace"])
             .args(extra),
     )
-    .context("tests failed")
+    .context("tests failed")?;
+    if no_fuzz {
+        return Ok(());
+    }
+    // After the tests, so a parser regression the unit tests already catch fails fast there.
+    step(&format!(
+        "fuzz smoke: every target for {} s",
+        fuzz::SMOKE_SECONDS
+    ));
+    fuzz::smoke().context("fuzz smoke failed")
 }
 
 fn cargo_ok(cmd: &mut Command) -> Result<()> {

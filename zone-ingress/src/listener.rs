@@ -129,7 +129,8 @@ pub async fn serve(listener: TcpListener, ingress: Arc<Ingress>, mut stop: watch
     }
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Errors that mean the agent itself is out of descriptors or memory (accept, socket, connect).
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -179,14 +180,22 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     let (up, endpoint) = match connected {
         Ok(c) => c,
         Err(e) => {
-            ingress.stats.upstream_unavailable();
+            // Out of descriptors is the agent's problem, not the route's: the log says so, and
+            // the endpoint counters stay clean.
+            if !e.is_local() {
+                ingress.stats.upstream_unavailable();
+            }
             tracing::warn!(%peer, error = %e, "resetting client");
             datapath::reset(&down);
             let mut entry =
                 accesslog::Entry::new(started_at, peer, accesslog::End::UpstreamUnavailable);
             entry.sni = Some(route.sni.to_string());
             entry.cluster = Some(route.cluster.clone());
-            entry.reason = Some("no_healthy_upstream");
+            entry.reason = Some(if e.is_local() {
+                "local_resources"
+            } else {
+                "no_healthy_upstream"
+            });
             entry.duration_ms = start.elapsed();
             ingress.access_log.log(entry);
             return;

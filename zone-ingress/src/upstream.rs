@@ -17,6 +17,24 @@ pub enum ConnectError {
         sni: String,
         attempts: Vec<(SocketAddr, String)>,
     },
+    /// The agent itself could not make the socket (no file descriptor or memory left). Not the
+    /// endpoint's fault: no endpoint is counted as failed, and no other is tried since each would
+    /// fail the same way.
+    #[error(
+        "cannot open a socket to {endpoint} for route {sni}: {error}; the agent is out of file descriptors or memory (check `ulimit -n`)"
+    )]
+    LocalResources {
+        sni: String,
+        endpoint: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+impl ConnectError {
+    /// True when the agent, not the route's endpoints, is the problem.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::LocalResources { .. })
+    }
 }
 
 fn describe(attempts: &[(SocketAddr, String)]) -> String {
@@ -37,6 +55,13 @@ pub async fn connect(
     for endpoint in route.endpoints_round_robin() {
         let result = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
             Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) if crate::listener::is_resource_exhaustion(&e) => {
+                return Err(ConnectError::LocalResources {
+                    sni: route.sni.to_string(),
+                    endpoint,
+                    error: e,
+                });
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("connect timed out after {timeout:?}")),
         };

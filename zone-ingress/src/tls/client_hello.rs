@@ -159,11 +159,19 @@ fn reassemble(buf: &[u8]) -> Result<Reassembled, ParseError> {
             .and_then(|b| <[u8; 2]>::try_from(b).ok())
             .map(|b| usize::from(u16::from_be_bytes(b)))
         else {
+            // The content type (byte 0) and major version (byte 1) are checked one byte at a
+            // time, so a non-TLS peer is refused as soon as that byte arrives; after them
+            // nothing is checked before the length is complete.
+            let at_least = if header.len() < 2 {
+                buf.len() + 1
+            } else {
+                pos + RECORD_HEADER_LEN
+            };
             return Ok(Reassembled {
                 msg,
                 msg_len,
                 records_len: None,
-                at_least: pos + RECORD_HEADER_LEN,
+                at_least,
             });
         };
         if payload_len == 0 {
@@ -207,9 +215,11 @@ fn reassemble(buf: &[u8]) -> Result<Reassembled, ParseError> {
         }
         if !record_complete {
             let at_least = if msg_len.is_none() {
-                // Parse again as soon as the handshake header is in, so an oversized length is
-                // refused without waiting for the rest of the record.
-                (body_start + header_missing).min(body_end)
+                // Parse again as soon as the handshake type byte is in (a ServerHello or any
+                // other type is refused at once), then once the whole handshake header is in,
+                // so an oversized length is refused without waiting for the rest of the record.
+                let next_check = if msg.is_empty() { 1 } else { header_missing };
+                (body_start + next_check).min(body_end)
             } else {
                 body_end
             };
@@ -605,6 +615,79 @@ pub(crate) mod testutil {
 
     pub(crate) const MS_SNI: &str = "a601e0c00295a9fbe.backend.80.default.ms";
     pub(crate) const LEGACY_SNI: &[u8] = b"backend{mesh=default,version=v2}";
+
+    /// A ClientHello captured off a socket from a real client, with what it must parse to.
+    pub(crate) struct Captured {
+        pub name: &'static str,
+        pub bytes: &'static [u8],
+        pub sni: &'static [u8],
+        pub alpn: &'static [&'static [u8]],
+    }
+
+    /// The fuzzing seeds under `fuzz/seeds/client_hello/`, captured by
+    /// `tests/examples/capture_hellos.rs` (see fuzz/README.md); shared with these tests so the
+    /// properties below run on what rustls, openssl and curl really send.
+    pub(crate) const CAPTURED: &[Captured] = &[
+        Captured {
+            name: "rustls-tls13-mtls",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/rustls-tls13-mtls.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[],
+        },
+        Captured {
+            name: "rustls-tls12-alpn-kuma",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/rustls-tls12-alpn-kuma.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls13-legacy-sni",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/openssl-tls13-legacy-sni.bin"),
+            sni: b"backend{mesh=default}",
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls13-legacy-sni-4-records",
+            bytes: include_bytes!(
+                "../../../fuzz/seeds/client_hello/openssl-tls13-legacy-sni-4-records.bin"
+            ),
+            sni: b"backend{mesh=default}",
+            alpn: &[b"kuma"],
+        },
+        Captured {
+            name: "openssl-tls12-mesh-service-sni",
+            bytes: include_bytes!(
+                "../../../fuzz/seeds/client_hello/openssl-tls12-mesh-service-sni.bin"
+            ),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[],
+        },
+        Captured {
+            name: "curl-tls13-h2",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/curl-tls13-h2.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"h2", b"http/1.1"],
+        },
+        Captured {
+            name: "curl-tls12",
+            bytes: include_bytes!("../../../fuzz/seeds/client_hello/curl-tls12.bin"),
+            sni: MS_SNI.as_bytes(),
+            alpn: &[b"http/1.1"],
+        },
+    ];
+
+    /// The handshake message carried by the records of `bytes` (record headers removed), so it
+    /// can be re-fragmented into other record sizes.
+    pub(crate) fn handshake_message(bytes: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        let mut rest = bytes;
+        while rest.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            msg.extend_from_slice(&rest[5..5 + len]);
+            rest = &rest[5 + len..];
+        }
+        msg
+    }
 
     /// A real ClientHello as rustls sends it (first flight, one or more records).
     pub(crate) fn rustls_hello(sni: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
@@ -1076,6 +1159,52 @@ mod tests {
         }
     }
 
+    /// Parses the way the reader does: only again once the buffer reaches the last hint.
+    fn parse_at_hints(bytes: &[u8]) -> Result<Progress, ParseError> {
+        let mut n = 0;
+        loop {
+            match parse_step(&bytes[..n])? {
+                Step::Done(h) => return Ok(Progress::Done(h)),
+                Step::NeedMore { at_least } if at_least > bytes.len() => {
+                    return Ok(Progress::NeedMore);
+                }
+                Step::NeedMore { at_least } => n = at_least,
+            }
+        }
+    }
+
+    /// Found by the `client_hello` fuzz target: after the first byte the hint jumped to the
+    /// end of the record header, so a peer sending `16 00 16` then EOF was "closed early"
+    /// (and one that stalled, a timeout) rather than refused as not TLS at its second byte.
+    /// The same held for a bad content type of a later record and for the handshake type.
+    #[test]
+    fn need_more_hint_never_skips_a_header_check() {
+        let second = {
+            let mut b = records(&HelloBuilder::new().sni(LEGACY_SNI).message()[..10], &[]);
+            b.push(23);
+            b
+        };
+        let cases: [&[u8]; 5] = [
+            &[22, 0, 22],
+            &[22, 4],
+            &second,
+            &[22, 3, 1, 0, 64, 2],
+            &[22, 3, 1, 0, 64, 2, 0],
+        ];
+        for bytes in cases {
+            // The message may know less (a minor version not yet in), not the kind of error.
+            let (whole, hinted) = (parse_client_hello(bytes), parse_at_hints(bytes));
+            match (&whole, &hinted) {
+                (Err(a), Err(b)) => assert_eq!(
+                    std::mem::discriminant(a),
+                    std::mem::discriminant(b),
+                    "{bytes:?}: {a:?} vs {b:?}"
+                ),
+                _ => panic!("{bytes:?}: whole {whole:?}, at the hints {hinted:?}"),
+            }
+        }
+    }
+
     /// A valid hand-built hello with arbitrary SNI bytes, ALPN, padding and fragmentation.
     fn arb_hello() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
         (
@@ -1125,6 +1254,68 @@ mod tests {
             assert_eq!(parse_client_hello(&bytes[..end]), Ok(Progress::NeedMore));
         }
         parse_client_hello(bytes)
+    }
+
+    #[test]
+    fn captured_hellos_of_real_clients_parse() {
+        for c in CAPTURED {
+            let hello = done(c.bytes);
+            assert_eq!(hello.sni.as_deref(), Some(c.sni), "{}", c.name);
+            let alpn: Vec<Vec<u8>> = c.alpn.iter().map(|p| p.to_vec()).collect();
+            assert_eq!(hello.alpn, alpn, "{}", c.name);
+            assert_eq!(hello.records_len, c.bytes.len(), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_captured_hello_is_incomplete() {
+        for c in CAPTURED {
+            for n in 0..c.bytes.len() {
+                assert_eq!(
+                    parse_client_hello(&c.bytes[..n]),
+                    Ok(Progress::NeedMore),
+                    "{}: prefix of {n}/{} bytes",
+                    c.name,
+                    c.bytes.len()
+                );
+            }
+        }
+    }
+
+    proptest! {
+        /// TCP segmentation: whatever the segment sizes, every intermediate answer is NeedMore
+        /// and the last is the same hello.
+        #[test]
+        fn prop_captured_hello_any_segmentation(
+            which in 0..CAPTURED.len(),
+            segments in proptest::collection::vec(1usize..64, 0..80),
+        ) {
+            let c = &CAPTURED[which];
+            let whole = parse_client_hello(c.bytes);
+            prop_assert_eq!(feed(c.bytes, &segments), whole);
+        }
+
+        /// TLS record fragmentation: the same handshake message cut into any record sizes gives
+        /// the same SNI and ALPN, and every truncation of the result is NeedMore, never an error
+        /// or a different SNI.
+        #[test]
+        fn prop_captured_hello_any_record_fragmentation(
+            which in 0..CAPTURED.len(),
+            frags in proptest::collection::vec(1usize..120, 0..12),
+            segments in proptest::collection::vec(1usize..200, 0..20),
+        ) {
+            let c = &CAPTURED[which];
+            let bytes = records(&handshake_message(c.bytes), &frags);
+            let Ok(Progress::Done(hello)) = feed(&bytes, &segments) else {
+                panic!("{}: re-fragmented hello did not parse", c.name)
+            };
+            prop_assert_eq!(hello.sni.as_deref(), Some(c.sni));
+            prop_assert_eq!(hello.alpn.len(), c.alpn.len());
+            prop_assert_eq!(hello.records_len, bytes.len());
+            for n in 0..bytes.len() {
+                prop_assert_eq!(parse_client_hello(&bytes[..n]), Ok(Progress::NeedMore), "prefix {}", n);
+            }
+        }
     }
 
     proptest! {

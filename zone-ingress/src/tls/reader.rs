@@ -528,5 +528,40 @@ mod tests {
             prop_assert!(got.consumed.len() >= hello_bytes.len());
             prop_assert_eq!(&got.consumed[..], &bytes[..got.consumed.len()]);
         }
+
+        /// What rustls, openssl and curl really send, in any read pattern and record
+        /// fragmentation, reads to the same SNI; every byte read is handed back for the replay.
+        #[test]
+        fn prop_captured_hello_any_read_pattern(
+            which in 0..CAPTURED.len(),
+            frags in proptest::collection::vec(1usize..150, 0..8),
+            reads in proptest::collection::vec(1usize..100, 0..40),
+        ) {
+            let c = &CAPTURED[which];
+            let bytes = records(&handshake_message(c.bytes), &frags);
+            let mut io = Chunks::new(&bytes, reads, End::Stall);
+            let got = run(read_client_hello(&mut io, &HelloLimits::default())).expect("hello");
+            prop_assert_eq!(&got.sni[..], c.sni);
+            prop_assert_eq!(&got.consumed[..], &bytes[..]);
+        }
+
+        /// A peer that closes anywhere inside its hello is "closed early" with exactly what it
+        /// sent: never a hello, never a different SNI, never a "malformed".
+        #[test]
+        fn prop_truncated_hello_is_closed_early(
+            which in 0..CAPTURED.len(),
+            cut in any::<prop::sample::Index>(),
+            frags in proptest::collection::vec(1usize..150, 0..8),
+            reads in proptest::collection::vec(1usize..100, 0..40),
+        ) {
+            let c = &CAPTURED[which];
+            let bytes = records(&handshake_message(c.bytes), &frags);
+            let n = cut.index(bytes.len());
+            let mut io = Chunks::new(&bytes[..n], reads, End::Eof);
+            match run(read_client_hello(&mut io, &HelloLimits::default())) {
+                Err(HelloError::ClosedEarly { received }) => prop_assert_eq!(received, n),
+                other => prop_assert!(false, "{}: {} of {} bytes then EOF gave {:?}", c.name, n, bytes.len(), other),
+            }
+        }
     }
 }
