@@ -253,6 +253,11 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
         // The route's counters, live: the kernel's redirected bytes plus the replayed ClientHello.
         let r = route(&pins, SNI_BACKEND);
         assert_eq!(u(&r, "flows_spliced"), 1, "{r:#}");
+        assert_eq!(
+            u(&r, "kernel_flows"),
+            1,
+            "the verdict counted the flow itself: {r:#}"
+        );
         assert_eq!(u(&r, "flows_userspace"), 0, "{r:#}");
         assert_eq!(
             (u(&r, "bytes_up"), u(&r, "bytes_down")),
@@ -368,6 +373,7 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
         )
         .await;
         assert_eq!(u(&r, "flows_spliced"), 2, "{r:#}");
+        assert_eq!(u(&r, "kernel_flows"), 2, "{r:#}");
         assert_eq!(
             (u(&r, "bytes_up"), u(&r, "bytes_down")),
             (up, down),

@@ -88,6 +88,9 @@ pub struct RouteBytes {
     pub up: u64,
     /// Endpoint -> client.
     pub down: u64,
+    /// Flows the verdict carried: counted on the first skb it redirects from the endpoint to the
+    /// client (the ServerHello of every TLS flow), so a flow counts once, in the kernel.
+    pub flows: u64,
 }
 
 /// Longest SNI or cluster name kept in [`RouteInfo`]; longer ones are cut (the length field keeps
@@ -216,7 +219,7 @@ pub struct FlowInfo {
 // words and a reader can check a pinned map against these sizes.
 const _: () = assert!(core::mem::size_of::<FlowSide>() == 64);
 const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 16);
-const _: () = assert!(core::mem::size_of::<RouteBytes>() == 16);
+const _: () = assert!(core::mem::size_of::<RouteBytes>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowInfo>() == 136);

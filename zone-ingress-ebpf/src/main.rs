@@ -127,10 +127,11 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     let mut peer = unsafe { (*side).peer_cookie };
     let verdict = ZI_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
-        let (route_id, direction) = unsafe {
+        let (route_id, direction, first) = unsafe {
+            let first = (*side).redirected_skbs == 0;
             (*side).redirected_bytes += len;
             (*side).redirected_skbs += 1;
-            ((*side).route_id, (*side).direction)
+            ((*side).route_id, (*side).direction, first)
         };
         // Out of range (NO_ROUTE) finds no slot: the agent accounts such flows itself.
         if let Some(route) = ZI_ROUTE_BYTES.get_ptr_mut(route_id) {
@@ -140,6 +141,11 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
                     (*route).up += len;
                 } else {
                     (*route).down += len;
+                    // The endpoint's first bytes (the ServerHello of a TLS flow): one flow,
+                    // counted once and by the kernel.
+                    if first {
+                        (*route).flows += 1;
+                    }
                 }
             }
         }

@@ -17,7 +17,11 @@ pub struct RouteRow {
     pub cluster: String,
     /// In the agent's current route table (else removed by a reload, kept for its counters).
     pub active: bool,
+    /// Flows the agent handed to the kernel splice.
     pub flows_spliced: u64,
+    /// Flows the verdict program carried, counted by the program itself (the endpoint's first
+    /// redirected bytes); a handed-over flow whose endpoint never answered is not in it.
+    pub kernel_flows: u64,
     pub flows_userspace: u64,
     /// Client -> endpoint: redirected by the kernel plus moved by the agent.
     pub bytes_up: u64,
@@ -63,6 +67,7 @@ pub fn read(pins: &PinDir) -> Result<Vec<RouteRow>, MapsError> {
         let k = per_cpu_sum(map_names::ROUTE_BYTES, &bytes, id, |acc, b| RouteBytes {
             up: acc.up.wrapping_add(b.up),
             down: acc.down.wrapping_add(b.down),
+            flows: acc.flows.wrapping_add(b.flows),
         })?;
         rows.push(RouteRow {
             id,
@@ -70,6 +75,7 @@ pub fn read(pins: &PinDir) -> Result<Vec<RouteRow>, MapsError> {
             cluster: name_of(&r.cluster, r.cluster_len),
             active: r.flags & ROUTE_ACTIVE != 0,
             flows_spliced: r.flows_spliced,
+            kernel_flows: k.flows,
             flows_userspace: r.flows_userspace,
             bytes_up: k.up + r.agent_bytes_up,
             bytes_down: k.down + r.agent_bytes_down,
@@ -89,6 +95,7 @@ pub fn dump(pins: &PinDir) -> Result<Dump, MapsError> {
         ("CLUSTER", Align::Left),
         ("ACTIVE", Align::Left),
         ("SPLICED", Align::Right),
+        ("KERNEL_FLOWS", Align::Right),
         ("USERSPACE", Align::Right),
         ("BYTES_UP", Align::Right),
         ("BYTES_DOWN", Align::Right),
@@ -100,6 +107,7 @@ pub fn dump(pins: &PinDir) -> Result<Dump, MapsError> {
             r.cluster.clone(),
             if r.active { "yes" } else { "no" }.into(),
             r.flows_spliced.to_string(),
+            r.kernel_flows.to_string(),
             r.flows_userspace.to_string(),
             r.bytes_up.to_string(),
             r.bytes_down.to_string(),
