@@ -364,6 +364,30 @@ async fn every_fixture_through_the_cp(dp: Datapath) {
                 "{name}: SNI {sni} reached the wrong endpoints"
             );
         }
+        // Kuma's dashboard series for the clusters of this snapshot.
+        let routes = zone_ingress::xds::route_table(&model).expect("fixture resolves");
+        let mut membership: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+        for r in &routes.routes {
+            membership
+                .entry(r.cluster.replace(':', "_"))
+                .or_default()
+                .extend(r.endpoints.iter().map(|e| e.address));
+        }
+        let m = agent.metrics().await;
+        for (cluster, eps) in &membership {
+            let label = [("envoy_cluster_name", cluster.as_str())];
+            assert_eq!(
+                m.get("envoy_cluster_membership_healthy", &label),
+                eps.len() as f64,
+                "{name}: membership of {cluster}\n{}",
+                m.dump("envoy_cluster")
+            );
+            assert!(
+                m.get("envoy_cluster_update_success", &label) >= 1.0,
+                "{name}: EDS updates of {cluster}\n{}",
+                m.dump("envoy_cluster")
+            );
+        }
         if let Some(bytes) = direct {
             // The zero-cluster answer: any SNI gets the bytes, then EOF.
             let mut tcp = topo.client.connect(ingress()).await.expect("connect");

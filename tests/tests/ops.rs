@@ -421,6 +421,60 @@ async fn access_log_and_envoy_metrics(dp: Datapath) {
         m.get("zone_ingress_upstream_connect_failures_total", &[]),
         1.0
     );
+
+    // The same exposition through a real Prometheus text-format parser: every name Kuma's zone
+    // ingress dashboard queries is there, with the values the traffic implies.
+    let (code, body) = agent.get("/stats/prometheus").await.expect("scrape");
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{body}"));
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    for name in [
+        "envoy_listener_downstream_cx_total",
+        "envoy_listener_downstream_cx_active",
+        "envoy_tcp_downstream_cx_rx_bytes_total",
+        "envoy_tcp_downstream_cx_tx_bytes_total",
+        "envoy_cluster_upstream_cx_total",
+        "envoy_cluster_upstream_cx_connect_fail",
+        "envoy_cluster_membership_healthy",
+        "envoy_cluster_update_success",
+        "envoy_cluster_update_rejected",
+        "envoy_listener_manager_lds_update_success",
+        "envoy_listener_manager_lds_update_rejected",
+        "envoy_control_plane_connected_state",
+        "envoy_server_uptime",
+        "envoy_server_memory_heap_size",
+    ] {
+        assert!(
+            scrape.samples.iter().any(|s| s.metric == name),
+            "{name} missing from the parsed exposition:\n{body}"
+        );
+    }
+    assert_eq!(
+        value("envoy_listener_downstream_cx_total", &listener),
+        Some(m.get("envoy_listener_downstream_cx_total", &listener))
+    );
+    assert_eq!(
+        value("envoy_tcp_downstream_cx_rx_bytes_total", &tcp(SNI_BACKEND)),
+        Some(m.get("envoy_tcp_downstream_cx_rx_bytes_total", &tcp(SNI_BACKEND)))
+    );
+    // One endpoint per route in this test's table.
+    assert_eq!(
+        value("envoy_cluster_membership_healthy", &cluster(SNI_BACKEND)),
+        Some(1.0),
+        "{body}"
+    );
 }
 datapath_tests!(
     access_log_and_envoy_metrics,

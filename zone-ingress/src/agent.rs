@@ -137,6 +137,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     "no --config given: running on the embedded default configuration (config/zone-ingress.yaml, config/routes.yaml)"
                 );
             }
+            stats.set_cluster_membership(&table);
             routes.replace(table);
             let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
             let admin_listener = admin::bind(admin_addr).await?;

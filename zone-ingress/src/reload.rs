@@ -89,6 +89,7 @@ async fn watch_file(path: PathBuf, store: Arc<RouteStore>, stats: Arc<Stats>, pa
         match parse(&text, &origin) {
             Ok(table) => {
                 tracing::info!(path = %origin, routes = table.len(), trigger = if forced { "SIGHUP" } else { "file change" }, "route table reloaded");
+                stats.set_cluster_membership(&table);
                 store.replace(table);
                 stats.route_update(true);
             }

@@ -687,15 +687,16 @@ impl Stats {
         self.route_update(accepted);
     }
 
-    /// Sets `membership_healthy` of every cluster from an applied xDS table.
-    pub fn set_cluster_membership(&self, routes: &crate::xds::XdsRoutes) {
+    /// Sets `membership_healthy` of every cluster from the route table just applied (the
+    /// endpoints of all its routes, once each).
+    pub fn set_cluster_membership(&self, table: &crate::routes::RouteTable) {
         let mut per_cluster: BTreeMap<&str, std::collections::BTreeSet<std::net::SocketAddr>> =
             BTreeMap::new();
-        for r in &routes.routes {
+        for r in table.routes() {
             per_cluster
-                .entry(r.cluster.as_str())
+                .entry(&r.cluster)
                 .or_default()
-                .extend(r.endpoints.iter().map(|e| e.address));
+                .extend(r.endpoints.iter().copied());
         }
         let known: Vec<Arc<ClusterCounters>> = self
             .clusters

@@ -383,7 +383,7 @@ impl AdsClient {
         state.applied_once = true;
         let table = routes.to_route_table(format!("control plane ({version})"));
         tracing::info!(routes = table.len(), %version, "route table from the control plane applied");
-        self.stats.set_cluster_membership(&routes);
+        self.stats.set_cluster_membership(&table);
         self.routes.replace(table);
         self.applied.send_replace(Some(Arc::new(Applied {
             routes,
