@@ -505,3 +505,144 @@ fn routes_table_text(r: &crate::xds::XdsRoutes) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cp::{TokenSource, Trust};
+
+    fn cp(argv: &[&str]) -> Result<Option<crate::cp::CpOptions>, String> {
+        let argv = ["zone-ingress", "run"]
+            .into_iter()
+            .chain(argv.iter().copied());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(args) => cp_options(&args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn err(argv: &[&str]) -> String {
+        match cp(argv) {
+            Err(e) => e,
+            Ok(o) => panic!("{argv:?} was accepted: {o:?}"),
+        }
+    }
+
+    #[test]
+    fn conflicting_or_stray_control_plane_flags_are_refused_with_the_reason() {
+        let e = err(&[
+            "--cp-address",
+            "https://cp:5678",
+            "--routes",
+            "r.yaml",
+            "--name",
+            "a",
+        ]);
+        assert!(e.contains("conflicts with --routes/--xds-file"), "{e}");
+        let e = err(&["--proxy-type", "sidecar"]);
+        assert!(e.contains("only runs as a zone ingress"), "{e}");
+        let e = err(&["--name", "zi"]);
+        assert!(
+            e.contains("--name only applies to a control-plane session"),
+            "{e}"
+        );
+        let e = err(&["--dataplane-token-file", "/t"]);
+        assert!(e.contains("--dataplane-token-file only applies"), "{e}");
+        let e = err(&[
+            "--cp-address",
+            "http://cp:5678",
+            "--ca-cert-file",
+            "/ca",
+            "--name",
+            "a",
+        ]);
+        assert!(e.contains("plain http"), "{e}");
+        let e = err(&["--cp-address", "ftp://cp:5678", "--name", "a"]);
+        assert!(e.contains("scheme must be https or http"), "{e}");
+        let e = err(&["--cp-address", "https://cp:5678/x", "--name", "a"]);
+        assert!(e.contains("no path"), "{e}");
+        let e = err(&[
+            "--cp-address",
+            "https://cp:5678",
+            "--skip-verify",
+            "--ca-cert",
+            "PEM",
+            "--name",
+            "a",
+        ]);
+        assert!(e.contains("--skip-verify conflicts"), "{e}");
+        // Both token forms at once: clap says which two.
+        let e = err(&[
+            "--cp-address",
+            "https://cp",
+            "--dataplane-token",
+            "t",
+            "--dataplane-token-file",
+            "/t",
+        ]);
+        assert!(e.contains("--dataplane-token"), "{e}");
+    }
+
+    #[test]
+    fn name_comes_from_the_resource_and_may_not_contradict_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("zi.yaml");
+        std::fs::write(
+            &file,
+            "type: ZoneIngress\nname: zi-1\nnetworking: {address: 10.0.0.1, port: 10001}\n",
+        )
+        .expect("write");
+        let f = file.to_str().expect("utf-8 path");
+        let o = cp(&["--cp-address", "https://cp:5678", "--dataplane-file", f])
+            .expect("valid")
+            .expect("a session");
+        assert_eq!(o.name, "zi-1");
+        let resource: serde_json::Value =
+            serde_json::from_str(o.dataplane_resource.as_deref().expect("resource")).expect("JSON");
+        assert_eq!(resource["type"], "ZoneIngress");
+        let e = err(&[
+            "--cp-address",
+            "https://cp:5678",
+            "--config",
+            f,
+            "--name",
+            "other",
+        ]);
+        assert!(
+            e.contains("--name \"other\" conflicts with --dataplane-file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_valid_session_is_built_from_flags() {
+        let o = cp(&[
+            "--cp-address",
+            "https://[fd00::1]:5678",
+            "--name",
+            "zi.ns",
+            "--dataplane-token",
+            " tok \n",
+            "--skip-verify",
+        ])
+        .expect("valid")
+        .expect("a session");
+        assert_eq!(o.address.host, "fd00::1");
+        assert_eq!(o.address.port, 5678);
+        assert_eq!(o.address.authority(), "[fd00::1]:5678");
+        assert!(matches!(o.trust, Some(Trust::Insecure)));
+        assert!(matches!(&o.token, TokenSource::Inline(_)));
+        assert_eq!(o.token.read().expect("token").as_deref(), Some("tok"));
+        // The token is never in a Debug print.
+        assert!(!format!("{o:?}").contains("tok\""), "{o:?}");
+        assert_eq!(o.admin_port, crate::config::DEFAULT_ADMIN_PORT);
+        assert_eq!(o.readiness_port, crate::cp::DEFAULT_READINESS_PORT);
+        let o = cp(&["--cp-address", "http://cp", "--name", "a"])
+            .expect("valid")
+            .expect("session");
+        assert!(o.trust.is_none());
+        assert_eq!(o.address.port, 80);
+        assert!(cp(&[]).expect("no CP flags is fine").is_none());
+    }
+}
