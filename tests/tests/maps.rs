@@ -4,67 +4,23 @@
 //! close, clear errors for a missing pin directory or a map of another layout, and a dump that
 //! still works after the agent was killed.
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zone_ingress_tests::agent::{self, Agent, Datapath, Options, Route};
 use zone_ingress_tests::netns::{CLIENT_V4, INGRESS_UPSTREAM_V4, Topology};
 use zone_ingress_tests::pki::{SNI_BACKEND, SNI_OTHER};
 use zone_ingress_tests::run_test;
 use zone_ingress_tests::tls::{self, Backend, Behaviour};
-use zone_ingress_tests::wire;
+use zone_ingress_tests::wire::{self, Counting};
 
 const BACKEND_PORT: u16 = 8443;
 const RAW_PORT: u16 = 8444;
-
-/// Counts the bytes that cross a stream: what the agent sees on the client's wire.
-struct Counting<S> {
-    inner: S,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::SeqCst);
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::SeqCst);
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// `zone-ingress maps dump WHAT --json --pin-dir DIR` (the agent's binary, outside any namespace:
 /// pinned maps are global).

@@ -3,66 +3,23 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zone_ingress_tests::agent::{Agent, Datapath, Metrics, Options, Route, http_get};
 use zone_ingress_tests::datapath_tests;
 use zone_ingress_tests::netns::{CLIENT_V4, Topology};
 use zone_ingress_tests::pki::{SNI_BACKEND, SNI_OTHER, SNI_UNKNOWN};
 use zone_ingress_tests::probe;
 use zone_ingress_tests::tls::{self, Backend, Behaviour};
-use zone_ingress_tests::wire::{self, Prng};
+use zone_ingress_tests::wire::{self, Counting, Prng};
 
 const BACKEND_PORT: u16 = 8443;
 /// Nothing listens there: connecting to it fails at once (RST), a connect failure for the metrics.
 const DEAD_PORT: u16 = 8999;
-
-/// Counts the bytes that cross a stream, i.e. what the agent sees on the wire (TLS records).
-struct Counting<S> {
-    inner: S,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::SeqCst);
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::SeqCst);
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// A JSON value of the access log's flat objects.
 #[derive(Clone, Debug, PartialEq)]

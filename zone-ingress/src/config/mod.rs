@@ -30,3 +30,15 @@ pub use zone_ingress::{
 pub const DEFAULT_ZONE_INGRESS_YAML: &str = include_str!("../../../config/zone-ingress.yaml");
 /// `config/routes.yaml`: two SNIs routed to `openssl s_server`'s default 127.0.0.1:4433.
 pub const DEFAULT_ROUTES_YAML: &str = include_str!("../../../config/routes.yaml");
+
+/// Reads the file at `path` and parses it with `parse(text, origin)`; messages name the path.
+fn load_file<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str, &str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}

@@ -94,11 +94,7 @@ impl ZoneIngress {
 
     /// Reads and validates the file at `path`; messages name the path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_yaml_str(&text, &path.display().to_string())
+        super::load_file(path, Self::from_yaml_str)
     }
 
     /// The socket the data-path listener binds.
