@@ -287,7 +287,7 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
         && t != "ingress"
     {
         return Err(format!(
-            "--proxy-type {t:?}: zone-ingress only runs as a zone ingress; use --proxy-type ingress              (sidecars and zone egresses need kuma-dp)"
+            "--proxy-type {t:?}: zone-ingress only runs as a zone ingress; use --proxy-type ingress (sidecars and zone egresses need kuma-dp)"
         ));
     }
     let Some(address) = cp.cp_address.as_deref() else {
@@ -301,14 +301,14 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
         ];
         if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
             return Err(format!(
-                "{flag} only applies to a control-plane session; give --cp-address (or                  KUMA_CONTROL_PLANE_URL) too, or drop it"
+                "{flag} only applies to a control-plane session; give --cp-address (or KUMA_CONTROL_PLANE_URL) too, or drop it"
             ));
         }
         return Ok(None);
     };
     if args.routes.is_some() || args.xds_file.is_some() {
         return Err(
-            "--cp-address conflicts with --routes/--xds-file: routes come from the control plane              or from a file, not both"
+            "--cp-address conflicts with --routes/--xds-file: routes come from the control plane or from a file, not both"
                 .into(),
         );
     }
@@ -316,7 +316,7 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
     let trust = if !address.tls {
         if cp.ca_cert_file.is_some() || cp.ca_cert.is_some() || cp.skip_verify {
             return Err(format!(
-                "--cp-address {address} is plain http, so --ca-cert-file/--ca-cert/--skip-verify                  have nothing to verify; use https://"
+                "--cp-address {address} is plain http, so --ca-cert-file/--ca-cert/--skip-verify have nothing to verify; use https://"
             ));
         }
         None
@@ -346,7 +346,7 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
     let name = match (&resource, &cp.name) {
         (Some(zi), Some(n)) if *n != zi.name => {
             return Err(format!(
-                "--name {n:?} conflicts with --dataplane-file, whose resource is named {:?};                  drop --name (kuma-dp takes the name from the resource)",
+                "--name {n:?} conflicts with --dataplane-file, whose resource is named {:?}; drop --name (kuma-dp takes the name from the resource)",
                 zi.name
             ));
         }
@@ -361,7 +361,7 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
             (Some(pod), Some(ns)) => format!("{pod}.{ns}"),
             _ => {
                 return Err(
-                    "the ZoneIngress has no name: give --dataplane-file (universal), --name, or                      POD_NAME and POD_NAMESPACE (Kubernetes)"
+                    "the ZoneIngress has no name: give --dataplane-file (universal), --name, or POD_NAME and POD_NAMESPACE (Kubernetes)"
                         .into(),
                 );
             }
@@ -524,7 +524,9 @@ mod tests {
 
     fn err(argv: &[&str]) -> String {
         match cp(argv) {
-            Err(e) => e,
+            // One line, single-spaced: what the operator reads.
+            Err(e) if e.lines().count() <= 1 && !e.contains("  ") => e,
+            Err(e) => panic!("badly formatted error for {argv:?}: {e:?}"),
             Ok(o) => panic!("{argv:?} was accepted: {o:?}"),
         }
     }
@@ -573,14 +575,15 @@ mod tests {
         ]);
         assert!(e.contains("--skip-verify conflicts"), "{e}");
         // Both token forms at once: clap says which two.
-        let e = err(&[
+        let e = cp(&[
             "--cp-address",
             "https://cp",
             "--dataplane-token",
             "t",
             "--dataplane-token-file",
             "/t",
-        ]);
+        ])
+        .expect_err("two token sources");
         assert!(e.contains("--dataplane-token"), "{e}");
     }
 
