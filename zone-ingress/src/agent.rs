@@ -47,6 +47,8 @@ pub struct RunOptions {
     /// `--agent-config`: the agent's own settings (the XDP guard).
     pub agent_config: Option<PathBuf>,
     pub guard: crate::guard::GuardArgs,
+    /// `--keep-capabilities`: do not drop the BPF-related capabilities after loading.
+    pub keep_capabilities: bool,
 }
 
 /// After the drain time, how long flows told to finish get to deliver what they hold.
@@ -207,6 +209,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => (AccessLog::disabled(stats.clone()), None),
     };
     let (drain_tx, drain_rx) = watch::channel(false);
+    let probe = splicer.clone();
 
     let flows = Arc::new(ActiveFlows::default());
     let ingress = Arc::new(Ingress {
@@ -229,6 +232,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         &opts.pin_dir,
         stats.clone(),
     )?;
+    if opts.keep_capabilities {
+        tracing::info!("--keep-capabilities: keeping every capability the agent started with");
+    } else {
+        // The guard can be attached (or re-attached) by a reload of the agent configuration later.
+        let guard_in_play = guard.attached() || opts.agent_config.is_some();
+        drop_capabilities(probe.as_deref(), guard_in_play);
+    }
+    drop(probe);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
     readiness.set_ready();
@@ -273,6 +284,72 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     guard.shutdown();
     Ok(())
+}
+
+/// Drops the capabilities nothing needs any more, from every thread: CAP_SYS_ADMIN (bpffs is
+/// mounted, the programs loaded) and, unless the XDP guard may attach later, CAP_BPF,
+/// CAP_NET_ADMIN and CAP_PERFMON, but only after a probe showed the spliced flows' map operations
+/// work without them (older kernels gate every bpf(2) call on CAP_BPF). Failing to drop is logged,
+/// not fatal: the agent then runs as privileged as it started.
+fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
+    use crate::privs::{self, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, bit};
+    let eff = match privs::current() {
+        Ok(c) => c.effective,
+        Err(e) => {
+            tracing::warn!("not dropping capabilities: {e}");
+            return;
+        }
+    };
+    let bpf_family = bit(CAP_BPF) | bit(CAP_NET_ADMIN) | bit(CAP_PERFMON);
+    // Without CAP_BPF (kernels before 5.8) CAP_SYS_ADMIN is what lets the agent use bpf(2).
+    let sys_admin = if eff & bit(CAP_BPF) != 0 || (splicer.is_none() && !guard_in_play) {
+        bit(CAP_SYS_ADMIN)
+    } else {
+        0
+    };
+    let (mask, why_kept) = if guard_in_play {
+        (
+            sys_admin,
+            "the XDP guard is attached or may be attached by a reload (it needs them then)",
+        )
+    } else {
+        match splicer {
+            None => (sys_admin | bpf_family, ""),
+            Some(s) => {
+                match privs::works_without(bpf_family | bit(CAP_SYS_ADMIN), || s.probe_map_access())
+                {
+                    Ok(Ok(())) => (sys_admin | bpf_family, ""),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "map access without CAP_BPF failed");
+                        (
+                            sys_admin,
+                            "this kernel refuses bpf(2) map operations without CAP_BPF (kernel.unprivileged_bpf_disabled before Linux 6.5)",
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!("not dropping capabilities: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    match privs::drop_everywhere(mask) {
+        Ok(0) => tracing::debug!("no capability to drop"),
+        Ok(dropped) => {
+            let kept = privs::current().map(|c| c.effective).unwrap_or(0);
+            tracing::info!(
+                dropped = %privs::names(dropped),
+                kept = %privs::names(kept),
+                "dropped capabilities the agent no longer needs"
+            );
+        }
+        Err(e) => tracing::warn!("dropping capabilities failed: {e}"),
+    }
+    let kept = privs::current().map(|c| c.effective).unwrap_or(0) & bpf_family;
+    if !why_kept.is_empty() && kept != 0 {
+        tracing::info!(kept = %privs::names(kept), "keeping capabilities: {why_kept}");
+    }
 }
 
 /// Loads the BPF programs when the datapath wants them. `auto` falls back (said once); `sockmap`

@@ -498,6 +498,26 @@ impl Splicer {
         lock(&self.flows).get(&cookie, 0).unwrap_or_default()
     }
 
+    /// Exercises the map operations flows make (a lookup, an insert and a removal on the control
+    /// map, under key 0: no socket has cookie 0, so the verdict never reads it). Used to prove the
+    /// agent still may use its maps before it drops the capabilities that loaded them.
+    pub fn probe_map_access(&self) -> Result<(), MapError> {
+        let mut ctrl = lock(&self.ctrl);
+        match ctrl.get(&0, 0) {
+            Ok(_) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+        ctrl.insert(
+            0,
+            FlowCtrl {
+                armed: 0,
+                redirect_limit: 0,
+            },
+            0,
+        )?;
+        ctrl.remove(&0)
+    }
+
     fn set_ctrl(&self, cookie: u64, armed: u64, redirect_limit: u64) -> Result<(), MapError> {
         lock(&self.ctrl).insert(
             cookie,
