@@ -287,10 +287,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 }
 
 /// Drops the capabilities nothing needs any more, from every thread: CAP_SYS_ADMIN (bpffs is
-/// mounted, the programs loaded) and, unless the XDP guard may attach later, CAP_BPF,
-/// CAP_NET_ADMIN and CAP_PERFMON, but only after a probe showed the spliced flows' map operations
-/// work without them (older kernels gate every bpf(2) call on CAP_BPF). Failing to drop is logged,
-/// not fatal: the agent then runs as privileged as it started.
+/// mounted, the programs loaded), CAP_PERFMON, and CAP_BPF once a probe showed the spliced flows'
+/// map operations work without it (older kernels gate every bpf(2) call on CAP_BPF). CAP_NET_ADMIN
+/// stays with the splice: its flow controller fixes a slow flow's receive buffer with
+/// `SO_RCVBUFFORCE`. With the XDP guard attached or attachable by a reload, CAP_BPF stays too.
+/// With the userspace copy and no guard, all four go. Failing to drop is logged, not fatal: the
+/// agent then runs as privileged as it started.
 fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
     use crate::privs::{self, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, bit};
     let eff = match privs::current() {
@@ -300,39 +302,41 @@ fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
             return;
         }
     };
-    let bpf_family = bit(CAP_BPF) | bit(CAP_NET_ADMIN) | bit(CAP_PERFMON);
     // Without CAP_BPF (kernels before 5.8) CAP_SYS_ADMIN is what lets the agent use bpf(2).
-    let sys_admin = if eff & bit(CAP_BPF) != 0 || (splicer.is_none() && !guard_in_play) {
+    let sys_admin_if_bpf = if eff & bit(CAP_BPF) != 0 {
         bit(CAP_SYS_ADMIN)
     } else {
         0
     };
+    let all = bit(CAP_BPF) | bit(CAP_NET_ADMIN) | bit(CAP_SYS_ADMIN) | bit(CAP_PERFMON);
     let (mask, why_kept) = if guard_in_play {
         (
-            sys_admin,
+            sys_admin_if_bpf | bit(CAP_PERFMON),
             "the XDP guard is attached or may be attached by a reload (it needs them then)",
         )
-    } else {
-        match splicer {
-            None => (sys_admin | bpf_family, ""),
-            Some(s) => {
-                match privs::works_without(bpf_family | bit(CAP_SYS_ADMIN), || s.probe_map_access())
-                {
-                    Ok(Ok(())) => (sys_admin | bpf_family, ""),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "map access without CAP_BPF failed");
-                        (
-                            sys_admin,
-                            "this kernel refuses bpf(2) map operations without CAP_BPF (kernel.unprivileged_bpf_disabled before Linux 6.5)",
-                        )
-                    }
-                    Err(e) => {
-                        tracing::warn!("not dropping capabilities: {e}");
-                        return;
-                    }
-                }
+    } else if let Some(s) = splicer {
+        let candidates = bit(CAP_BPF) | bit(CAP_SYS_ADMIN) | bit(CAP_PERFMON);
+        match privs::works_without(candidates, || s.probe_map_access()) {
+            Ok(Ok(())) => (
+                candidates,
+                "the splice's flow controller fixes slow flows' receive buffers (SO_RCVBUFFORCE)",
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "map access without CAP_BPF failed");
+                (
+                    sys_admin_if_bpf | bit(CAP_PERFMON),
+                    "this kernel refuses bpf(2) map operations without CAP_BPF \
+                     (kernel.unprivileged_bpf_disabled before Linux 6.5), and the splice's flow \
+                     controller sets SO_RCVBUFFORCE",
+                )
+            }
+            Err(e) => {
+                tracing::warn!("not dropping capabilities: {e}");
+                return;
             }
         }
+    } else {
+        (all, "")
     };
     match privs::drop_everywhere(mask) {
         Ok(0) => tracing::debug!("no capability to drop"),
@@ -346,7 +350,7 @@ fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
         }
         Err(e) => tracing::warn!("dropping capabilities failed: {e}"),
     }
-    let kept = privs::current().map(|c| c.effective).unwrap_or(0) & bpf_family;
+    let kept = privs::current().map(|c| c.effective).unwrap_or(0) & all;
     if !why_kept.is_empty() && kept != 0 {
         tracing::info!(kept = %privs::names(kept), "keeping capabilities: {why_kept}");
     }
