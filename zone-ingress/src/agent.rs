@@ -239,6 +239,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let guard_in_play = guard.attached() || opts.agent_config.is_some();
         drop_capabilities(probe.as_deref(), guard_in_play);
     }
+    if let Some(s) = &probe {
+        s.sync_routes(&routes.load());
+    }
     drop(probe);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));

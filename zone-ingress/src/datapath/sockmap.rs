@@ -208,6 +208,13 @@ impl Splicer {
         splicer
     }
 
+    /// Brings the route map in line with `table` now (the periodic sync lags up to
+    /// [`ROUTE_SYNC_EVERY`]): the agent calls it before it reports ready, so `maps dump routes`
+    /// lists the routes it serves from the first moment.
+    pub fn sync_routes(&self, table: &Arc<crate::routes::RouteTable>) {
+        self.routes.sync(table);
+    }
+
     /// Keeps the route map in line with the current route table (a reload swaps the table).
     fn spawn_route_sync(splicer: std::sync::Weak<Self>, store: Arc<RouteStore>) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
