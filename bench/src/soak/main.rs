@@ -30,6 +30,9 @@ use crate::traffic::{Counters, Mix};
 
 const BACKEND_PORT: u16 = 18443;
 
+/// One memory series the growth rule judges: name, how to read it from a sample, its tolerance, unit.
+type Series = (&'static str, fn(&Sample) -> f64, Tolerance, &'static str);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "zone-ingress-soak",
@@ -288,7 +291,7 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
             ));
         }
     }
-    let series: [(&str, fn(&Sample) -> f64, Tolerance, &str); 3] = [
+    let series: [Series; 3] = [
         (
             "agent RSS",
             |s| mib(s.rss_kib),

@@ -542,7 +542,7 @@ fn plan(job: Job, mix: &Mix, rng: &mut Prng, seed: u64) -> Header {
         Job::Reset => {
             let len = between(rng, 64 * 1024, 2 << 20);
             let cut = between(rng, 1, len - 1);
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 h(Kind::ClientReset, len, 0, cut)
             } else {
                 h(Kind::ServerReset, 0, len, cut)
