@@ -242,12 +242,22 @@ impl<'ns> Agent<'ns> {
         datapath: Datapath,
         args: &[std::ffi::OsString],
     ) -> Agent<'ns> {
+        Agent::start_with_args_env(ns, datapath, args, &[])
+    }
+
+    /// [`Agent::start_with_args`] with extra environment variables.
+    pub fn start_with_args_env(
+        ns: &'ns Netns,
+        datapath: Datapath,
+        args: &[std::ffi::OsString],
+        env: &[(String, String)],
+    ) -> Agent<'ns> {
         let dir = tempfile::Builder::new()
             .prefix("zi-agent-")
             .tempdir()
             .expect("create the agent's temp dir");
         let routes_path = dir.path().join("routes.yaml");
-        Agent::spawn(ns, dir, routes_path, datapath, (&[], &[]), args)
+        Agent::spawn(ns, dir, routes_path, datapath, (&[], env), args)
     }
 
     fn spawn(

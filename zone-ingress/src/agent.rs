@@ -445,7 +445,8 @@ async fn start_control_plane(
         cp.address.port,
         cp.trust.as_ref(),
         &[b"http/1.1"],
-    )?;
+    )?
+    .with_handshake_timeout(cp.response_timeout);
     tracing::info!(cp = %cp.address, name = %cp.name, "requesting the bootstrap from the control plane");
     let info = tokio::select! {
         r = crate::cp::bootstrap::bootstrap(cp, &connector, token.as_deref(), cp.bootstrap_retry_for) => r?,
@@ -466,7 +467,8 @@ async fn start_control_plane(
     }
 
     let mut ads_connector =
-        Connector::new(&info.xds_host, info.xds_port, cp.trust.as_ref(), &[b"h2"])?;
+        Connector::new(&info.xds_host, info.xds_port, cp.trust.as_ref(), &[b"h2"])?
+            .with_handshake_timeout(cp.response_timeout);
     if let Some(sni) = &info.xds_sni {
         ads_connector = ads_connector.with_server_name(sni)?;
     }

@@ -387,6 +387,21 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
             .unwrap_or(crate::config::DEFAULT_ADMIN_PORT),
         readiness_port: cp.readiness_port,
         bootstrap_retry_for: crate::cp::bootstrap::RETRY_FOR,
+        response_timeout: match std::env::var(crate::cp::RESPONSE_TIMEOUT_ENV) {
+            Err(_) => crate::cp::RESPONSE_TIMEOUT,
+            Ok(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && *s <= 3600.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    format!(
+                        "{}={v:?} is not a number of seconds in (0, 3600]",
+                        crate::cp::RESPONSE_TIMEOUT_ENV
+                    )
+                })?,
+        },
     }))
 }
 
