@@ -101,6 +101,11 @@ pub struct Options {
     pub client_hello_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub extra_args: Vec<String>,
+    /// A program (and its arguments) the agent is started under, e.g. `setpriv --bounding-set ...`;
+    /// empty: the agent binary itself.
+    pub wrapper: Vec<String>,
+    /// Extra environment variables of the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -110,7 +115,21 @@ impl Options {
             client_hello_timeout: None,
             connect_timeout: None,
             extra_args: Vec::new(),
+            wrapper: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Starts the agent under `setpriv --bounding-set <set> --` (util-linux): as uid 0 it then holds
+    /// exactly the capabilities of `set` (e.g. `-all,+bpf,+net_admin` or `-net_admin`).
+    pub fn bounding_set(mut self, set: &str) -> Options {
+        self.wrapper = vec![
+            "setpriv".into(),
+            "--bounding-set".into(),
+            set.into(),
+            "--".into(),
+        ];
+        self
     }
 
     pub fn client_hello_timeout(mut self, t: &str) -> Options {
@@ -178,6 +197,13 @@ pub struct Agent<'ns> {
 impl<'ns> Agent<'ns> {
     /// Writes the configs, starts `zone-ingress run` in `ns` and waits (at most 20 s) until `/ready` says READY.
     pub async fn start(ns: &'ns Netns, routes: &[Route], opts: Options) -> Agent<'ns> {
+        let mut agent = Agent::start_no_wait(ns, routes, opts);
+        agent.wait_ready(Duration::from_secs(20)).await;
+        agent
+    }
+
+    /// Like [`Agent::start`] but returns at once (for an agent expected to refuse to start).
+    pub fn start_no_wait(ns: &'ns Netns, routes: &[Route], opts: Options) -> Agent<'ns> {
         let dir = tempfile::Builder::new()
             .prefix("zi-agent-")
             .tempdir()
@@ -199,9 +225,14 @@ impl<'ns> Agent<'ns> {
             args.extend(["--connect-timeout".into(), t.into()]);
         }
         args.extend(opts.extra_args.iter().map(Into::into));
-        let mut agent = Agent::spawn(ns, dir, routes_path, opts.datapath, &args);
-        agent.wait_ready(Duration::from_secs(20)).await;
-        agent
+        Agent::spawn(
+            ns,
+            dir,
+            routes_path,
+            opts.datapath,
+            (&opts.wrapper, &opts.env),
+            &args,
+        )
     }
 
     /// Starts `zone-ingress run --datapath D --pin-dir P <args>` in `ns` without writing any
@@ -211,12 +242,22 @@ impl<'ns> Agent<'ns> {
         datapath: Datapath,
         args: &[std::ffi::OsString],
     ) -> Agent<'ns> {
+        Agent::start_with_args_env(ns, datapath, args, &[])
+    }
+
+    /// [`Agent::start_with_args`] with extra environment variables.
+    pub fn start_with_args_env(
+        ns: &'ns Netns,
+        datapath: Datapath,
+        args: &[std::ffi::OsString],
+        env: &[(String, String)],
+    ) -> Agent<'ns> {
         let dir = tempfile::Builder::new()
             .prefix("zi-agent-")
             .tempdir()
             .expect("create the agent's temp dir");
         let routes_path = dir.path().join("routes.yaml");
-        Agent::spawn(ns, dir, routes_path, datapath, args)
+        Agent::spawn(ns, dir, routes_path, datapath, (&[], env), args)
     }
 
     fn spawn(
@@ -224,6 +265,7 @@ impl<'ns> Agent<'ns> {
         dir: tempfile::TempDir,
         routes_path: PathBuf,
         datapath: Datapath,
+        (wrapper, env): (&[String], &[(String, String)]),
         args: &[std::ffi::OsString],
     ) -> Agent<'ns> {
         let bin = binary();
@@ -235,7 +277,14 @@ impl<'ns> Agent<'ns> {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create the agent's stderr log");
         let stdout = stderr.try_clone().expect("dup the stderr log for stdout");
-        let mut cmd = ns.command(&bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => ns.command(&bin),
+        };
         cmd.arg("run")
             .args(["--datapath", datapath.as_str()])
             .arg("--pin-dir")
@@ -249,6 +298,7 @@ impl<'ns> Agent<'ns> {
             .env_remove("KUMA_CONTROL_PLANE_URL")
             .env_remove("KUMA_DATAPLANE_RUNTIME_TOKEN_PATH")
             .env_remove("KUMA_CONTROL_PLANE_CA_CERT_FILE")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -199,6 +199,8 @@ struct Shared {
     nodes: Mutex<Vec<Node>>,
     acks: Mutex<Vec<Ack>>,
     streams: AtomicU32,
+    /// New ADS streams are accepted and then never answered (a stalled CP).
+    stall_ads: AtomicBool,
     rejected_tokens: Mutex<Vec<String>>,
     nonce: AtomicU64,
     snapshot: watch::Sender<Snapshot>,
@@ -236,6 +238,7 @@ impl TestCp {
             nodes: Mutex::new(Vec::new()),
             acks: Mutex::new(Vec::new()),
             streams: AtomicU32::new(0),
+            stall_ads: AtomicBool::new(false),
             rejected_tokens: Mutex::new(Vec::new()),
             nonce: AtomicU64::new(0),
             snapshot,
@@ -354,6 +357,12 @@ impl TestCp {
         }
     }
 
+    /// From now on new ADS streams open (response headers sent) and then stay silent; `false`
+    /// serves them again.
+    pub fn stall_ads(&self, on: bool) {
+        self.shared.stall_ads.store(on, Ordering::SeqCst);
+    }
+
     /// Closes the port and every stream.
     pub fn stop(&self) {
         self.server.abort();
@@ -423,6 +432,9 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<ResponseStream>, Status> {
         let s = self.0.clone();
         s.streams.fetch_add(1, Ordering::SeqCst);
+        if s.stall_ads.load(Ordering::SeqCst) {
+            return Ok(Response::new(Box::pin(tokio_stream::pending())));
+        }
         // Kuma: exactly one `authorization` value, the raw token; failures end the stream
         // with "authentication failed" (go-control-plane turns the error into code Unknown).
         let tokens: Vec<String> = request

@@ -649,6 +649,122 @@ async fn cp_outage_keeps_traffic_and_reconnects() {
     run_test(Duration::from_secs(120), cp_outage()).await
 }
 
+/// A control plane that stalls: first its ADS streams open and never answer, then it accepts TCP
+/// and never answers TLS. The agent times out each (`ZONE_INGRESS_CP_RESPONSE_TIMEOUT`, 2 s
+/// here), logs it, retries, and keeps routing on the last applied table.
+async fn cp_stalls() {
+    let topo = Topology::new();
+    let cp = control_plane(&topo).await;
+    let _rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
+    let taps = taps(&topo).await;
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    cp.cp.push(xds_build::encode(
+        &simple_snapshot(&[(SNI_A, tap_a())]),
+        None,
+    ));
+    let args = cp_args(
+        scratch.path(),
+        &cp,
+        Some(&valid_token(&cp)),
+        &cp.pki.ca_pem_path,
+    );
+    let env = [(
+        "ZONE_INGRESS_CP_RESPONSE_TIMEOUT".to_string(),
+        "2".to_string(),
+    )];
+    let mut agent = Agent::start_with_args_env(&topo.ingress, Datapath::Auto, &args, &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+
+    // 1. ADS streams open but stay silent: each is given up after 2 s and retried.
+    cp.cp.stall_ads(true);
+    cp.cp.stop();
+    // Once the agent saw its stream end, the old server (and its listener) is gone.
+    agent
+        .metrics_until(Duration::from_secs(10), |m| {
+            m.get("envoy_control_plane_connected_state", &[]) == 0.0
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = TestCp::restart(&topo.backend, &cp.pki, &cp.cp).await;
+    let before = stalled.streams_opened();
+    let start = Instant::now();
+    while stalled.streams_opened() < before + 2 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stalled.streams_opened() >= before + 2,
+        "the agent did not give up a silent ADS stream and retry within 20 s ({} streams):\n{}",
+        stalled.streams_opened() - before,
+        agent.stderr()
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("sent no response within 2s (stalled CP)"),
+        "the stall is logged:\n{}",
+        agent.stderr()
+    );
+    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+
+    // 2. The CP accepts TCP and never answers the TLS handshake.
+    stalled.stop();
+    // The aborted server drops its listener when its task is next polled: retry the bind a while.
+    let mut bound = None;
+    for _ in 0..50 {
+        let addr = cp_addr();
+        match topo.backend.exec(move || std::net::TcpListener::bind(addr)) {
+            Ok(l) => {
+                bound = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let std_listener = bound.expect("bind the stalling listener on the CP's address within 5 s");
+    std_listener.set_nonblocking(true).expect("non-blocking");
+    let listener = tokio::net::TcpListener::from_std(std_listener).expect("register the listener");
+    let accepted = Arc::new(AtomicU32::new(0));
+    let (hold_stop, hold_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        tokio::select! {
+            _ = hold_stop_rx => {}
+            () = async {
+                // Bounded: the agent retries with a backoff, a handful of connections at most.
+                while held.len() < 64 {
+                    let Ok((tcp, _)) = listener.accept().await else { break };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    held.push(tcp);
+                }
+            } => {}
+        }
+    });
+    let start = Instant::now();
+    let handshake_timeout = "did not complete the TLS handshake within 2s";
+    while !agent.stderr().contains(handshake_timeout) && start.elapsed() < Duration::from_secs(45) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = hold_stop.send(());
+    let _ = holder.await;
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 1 && agent.stderr().contains(handshake_timeout),
+        "the agent must give up a TLS handshake the CP never answers, and say so ({} connections):\n{}",
+        accepted.load(Ordering::SeqCst),
+        agent.stderr()
+    );
+    assert!(agent.is_running());
+    for _ in 0..3 {
+        assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_stalls_time_out_and_keep_traffic() {
+    run_test(Duration::from_secs(120), cp_stalls()).await
+}
+
 async fn bad_token(make: impl FnOnce(&ControlPlane) -> Option<String>, expect_in_cp: &str) {
     let topo = Topology::new();
     let cp = control_plane(&topo).await;

@@ -8,6 +8,7 @@ mod bench;
 mod build;
 mod debian;
 mod fuzz;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -71,6 +72,21 @@ enum Command {
         #[arg(long, default_value = "address", value_parser = ["address", "none"])]
         sanitizer: String,
     },
+    /// Build, then run mixed mTLS traffic (bulk, RPC, connection churn, slow receivers, resets) through
+    /// the real agent in network namespaces for N minutes, every byte verified, printing flows, bytes,
+    /// errors, agent RSS and kernel memory once per interval. Fails on any lost or corrupted byte, on
+    /// sockets left open, or on memory that keeps growing. Needs root.
+    Soak {
+        /// Minutes of traffic (fractions allowed).
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// The agent's data path: sockmap, auto or userspace.
+        #[arg(long, default_value = "sockmap", value_parser = ["sockmap", "auto", "userspace"])]
+        datapath: String,
+        /// Extra arguments for zone-ingress-soak (e.g. `--interval 5 --bulk 1`), after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install what the other commands need (nightly rust-src, bpf-linker, Debian packages), then exit.
     Setup,
 }
@@ -91,6 +107,11 @@ fn main() -> ExitCode {
             sanitizer,
         } => fuzz::run(target.as_deref(), seconds, &sanitizer),
         Command::Bench { args } => bench::run(&args),
+        Command::Soak {
+            minutes,
+            datapath,
+            args,
+        } => soak::run(minutes, &datapath, &args),
         Command::Setup => toolchain::ensure_bpf_toolchain()
             .map(|_| ())
             .and_then(|_| debian::ensure(debian::TEST_PACKAGES)),

@@ -47,6 +47,8 @@ pub struct RunOptions {
     /// `--agent-config`: the agent's own settings (the XDP guard).
     pub agent_config: Option<PathBuf>,
     pub guard: crate::guard::GuardArgs,
+    /// `--keep-capabilities`: do not drop the BPF-related capabilities after loading.
+    pub keep_capabilities: bool,
 }
 
 /// After the drain time, how long flows told to finish get to deliver what they hold.
@@ -208,6 +210,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => (AccessLog::disabled(stats.clone()), None),
     };
     let (drain_tx, drain_rx) = watch::channel(false);
+    let probe = splicer.clone();
 
     let flows = Arc::new(ActiveFlows::default());
     let ingress = Arc::new(Ingress {
@@ -230,6 +233,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         &opts.pin_dir,
         stats.clone(),
     )?;
+    if opts.keep_capabilities {
+        tracing::info!("--keep-capabilities: keeping every capability the agent started with");
+    } else {
+        // The guard can be attached (or re-attached) by a reload of the agent configuration later.
+        let guard_in_play = guard.attached() || opts.agent_config.is_some();
+        drop_capabilities(probe.as_deref(), guard_in_play);
+    }
+    if let Some(s) = &probe {
+        s.sync_routes(&routes.load());
+    }
+    drop(probe);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
     readiness.set_ready();
@@ -274,6 +288,76 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     guard.shutdown();
     Ok(())
+}
+
+/// Drops the capabilities nothing needs any more, from every thread: CAP_SYS_ADMIN (bpffs is
+/// mounted, the programs loaded), CAP_PERFMON, and CAP_BPF once a probe showed the spliced flows'
+/// map operations work without it (older kernels gate every bpf(2) call on CAP_BPF). CAP_NET_ADMIN
+/// stays with the splice: its flow controller fixes a slow flow's receive buffer with
+/// `SO_RCVBUFFORCE`. With the XDP guard attached or attachable by a reload, CAP_BPF stays too.
+/// With the userspace copy and no guard, all four go. Failing to drop is logged, not fatal: the
+/// agent then runs as privileged as it started.
+fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
+    use crate::privs::{self, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, bit};
+    let eff = match privs::current() {
+        Ok(c) => c.effective,
+        Err(e) => {
+            tracing::warn!("not dropping capabilities: {e}");
+            return;
+        }
+    };
+    // Without CAP_BPF (kernels before 5.8) CAP_SYS_ADMIN is what lets the agent use bpf(2).
+    let sys_admin_if_bpf = if eff & bit(CAP_BPF) != 0 {
+        bit(CAP_SYS_ADMIN)
+    } else {
+        0
+    };
+    let all = bit(CAP_BPF) | bit(CAP_NET_ADMIN) | bit(CAP_SYS_ADMIN) | bit(CAP_PERFMON);
+    let (mask, why_kept) = if guard_in_play {
+        (
+            sys_admin_if_bpf | bit(CAP_PERFMON),
+            "the XDP guard is attached or may be attached by a reload (it needs them then)",
+        )
+    } else if let Some(s) = splicer {
+        let candidates = bit(CAP_BPF) | bit(CAP_SYS_ADMIN) | bit(CAP_PERFMON);
+        match privs::works_without(candidates, || s.probe_map_access()) {
+            Ok(Ok(())) => (
+                candidates,
+                "the splice's flow controller fixes slow flows' receive buffers (SO_RCVBUFFORCE)",
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "map access without CAP_BPF failed");
+                (
+                    sys_admin_if_bpf | bit(CAP_PERFMON),
+                    "this kernel refuses bpf(2) map operations without CAP_BPF \
+                     (kernel.unprivileged_bpf_disabled before Linux 6.5), and the splice's flow \
+                     controller sets SO_RCVBUFFORCE",
+                )
+            }
+            Err(e) => {
+                tracing::warn!("not dropping capabilities: {e}");
+                return;
+            }
+        }
+    } else {
+        (all, "")
+    };
+    match privs::drop_everywhere(mask) {
+        Ok(0) => tracing::debug!("no capability to drop"),
+        Ok(dropped) => {
+            let kept = privs::current().map(|c| c.effective).unwrap_or(0);
+            tracing::info!(
+                dropped = %privs::names(dropped),
+                kept = %privs::names(kept),
+                "dropped capabilities the agent no longer needs"
+            );
+        }
+        Err(e) => tracing::warn!("dropping capabilities failed: {e}"),
+    }
+    let kept = privs::current().map(|c| c.effective).unwrap_or(0) & all;
+    if !why_kept.is_empty() && kept != 0 {
+        tracing::info!(kept = %privs::names(kept), "keeping capabilities: {why_kept}");
+    }
 }
 
 /// Loads the BPF programs when the datapath wants them. `auto` falls back (said once); `sockmap`
@@ -362,7 +446,8 @@ async fn start_control_plane(
         cp.address.port,
         cp.trust.as_ref(),
         &[b"http/1.1"],
-    )?;
+    )?
+    .with_handshake_timeout(cp.response_timeout);
     tracing::info!(cp = %cp.address, name = %cp.name, "requesting the bootstrap from the control plane");
     let info = tokio::select! {
         r = crate::cp::bootstrap::bootstrap(cp, &connector, token.as_deref(), cp.bootstrap_retry_for) => r?,
@@ -383,7 +468,8 @@ async fn start_control_plane(
     }
 
     let mut ads_connector =
-        Connector::new(&info.xds_host, info.xds_port, cp.trust.as_ref(), &[b"h2"])?;
+        Connector::new(&info.xds_host, info.xds_port, cp.trust.as_ref(), &[b"h2"])?
+            .with_handshake_timeout(cp.response_timeout);
     if let Some(sni) = &info.xds_sni {
         ads_connector = ads_connector.with_server_name(sni)?;
     }

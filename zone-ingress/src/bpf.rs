@@ -1,8 +1,8 @@
 //! Loading the BPF programs, pinning their maps, and wiring aya-log to `tracing`.
 //!
-//! The object is built by `cargo xtask build` and embedded at compile time. Loading needs root
-//! (CAP_BPF + CAP_NET_ADMIN for a SockHash) and a bpffs; the agent mounts bpffs at `/sys/fs/bpf`
-//! when it is missing. Any failure is returned as a [`BpfError`] that says what to check: the
+//! The object is built by `cargo xtask build` and embedded at compile time. Loading needs
+//! CAP_BPF + CAP_NET_ADMIN (checked up front, see [`crate::privs`]) and a bpffs; the agent mounts
+//! bpffs at `/sys/fs/bpf` when it is missing (that needs CAP_SYS_ADMIN). Any failure is returned as a [`BpfError`] that says what to check: the
 //! caller decides whether that is fatal (`--datapath sockmap`) or a fallback (`auto`).
 
 use std::io;
@@ -21,6 +21,21 @@ static BPF_OBJECT: &[u8] =
 
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
+/// A development knob: the number of sockets (two per spliced flow) the SockHash and the flow maps
+/// hold, instead of [`zone_ingress_common::MAX_SOCKETS`]. Tests set it small to fill the maps.
+pub const MAX_SOCKETS_ENV: &str = "ZONE_INGRESS_MAX_SOCKETS";
+
+/// The size of the per-socket maps: [`MAX_SOCKETS_ENV`] when set, else the built-in one.
+fn max_sockets() -> Result<Option<u32>, BpfError> {
+    let Ok(value) = std::env::var(MAX_SOCKETS_ENV) else {
+        return Ok(None);
+    };
+    match value.trim().parse::<u32>() {
+        Ok(n) if (2..=zone_ingress_common::MAX_SOCKETS).contains(&n) => Ok(Some(n)),
+        _ => Err(BpfError::MaxSockets { value }),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error(
@@ -28,8 +43,14 @@ pub enum BpfError {
          `cargo xtask build`"
     )]
     NotBuilt,
-    #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN); running as uid {uid}")]
-    NotPrivileged { uid: u32 },
+    #[error(
+        "loading the BPF programs needs capabilities this process does not have: missing {missing}. \
+         Grant them (Kubernetes: securityContext.capabilities.add [BPF, NET_ADMIN]; systemd: \
+         AmbientCapabilities=CAP_BPF CAP_NET_ADMIN) or run with --datapath userspace"
+    )]
+    MissingCapabilities { missing: String },
+    #[error("{0}")]
+    Capabilities(#[from] crate::privs::CapsError),
     #[error(
         "bpffs is not mounted at {path} and mounting it failed: {source} (mount it with `mount -t bpf bpf {path}`)"
     )]
@@ -47,6 +68,12 @@ pub enum BpfError {
     Map { name: &'static str, detail: String },
     #[error("pinning {path}: {detail} (is {dir} on a bpffs, and writable?)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
     Pin { path: PathBuf, detail: String },
+    #[error(
+        "{MAX_SOCKETS_ENV}={value:?} is not a number of sockets between 2 and {max} (it sizes the \
+         splice's SockHash and flow maps; unset it for the default)",
+        max = zone_ingress_common::MAX_SOCKETS
+    )]
+    MaxSockets { value: String },
     #[error("creating the pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
 }
@@ -96,7 +123,19 @@ impl BpfPrograms {
     /// `pin_dir` (replacing pins left by a previous run).
     pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
         let object = embedded_object(pin_dir)?;
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let mut loader = EbpfLoader::new();
+        if let Some(n) = max_sockets()? {
+            tracing::warn!(
+                sockets = n,
+                "{MAX_SOCKETS_ENV} is set: the splice holds at most {} flows, later ones take the userspace copy",
+                n / 2
+            );
+            for name in [map_names::SOCKS, map_names::FLOWS, map_names::CTRL] {
+                loader.map_max_entries(name, n);
+            }
+            loader.map_max_entries(map_names::FLOW_INFO, (n / 2).max(1));
+        }
+        let mut ebpf = loader.load(object)?;
         spawn_bpf_logger(&mut ebpf);
 
         // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
@@ -159,10 +198,14 @@ pub(crate) fn embedded_object(pin_dir: &Path) -> Result<&'static [u8], BpfError>
     if BPF_OBJECT.is_empty() {
         return Err(BpfError::NotBuilt);
     }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid != 0 {
-        return Err(BpfError::NotPrivileged { uid });
+    // Capabilities, not the uid: a non-root agent with CAP_BPF + CAP_NET_ADMIN loads fine, and a
+    // root one in a container without them does not.
+    let caps = crate::privs::current()?;
+    let missing = crate::privs::missing_for_bpf(caps.effective, is_bpffs(Path::new("/sys/fs/bpf")));
+    if !missing.is_empty() {
+        return Err(BpfError::MissingCapabilities {
+            missing: missing.join("; "),
+        });
     }
     ensure_bpffs(Path::new("/sys/fs/bpf"))?;
     std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
@@ -206,19 +249,27 @@ pub(crate) fn pin(
     })
 }
 
+/// True when `path` is a mounted bpffs.
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c_path.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPFFS_MAGIC
+}
+
 /// Mounts bpffs at `path` unless it is already one.
 fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
     let err = |source| BpfError::Bpffs {
         path: path.display().to_string(),
         source,
     };
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPFFS_MAGIC {
+    if is_bpffs(path) {
         return Ok(());
     }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
     std::fs::create_dir_all(path).map_err(err)?;
     tracing::info!(path = %path.display(), "mounting bpffs");
     let fstype = c"bpf";

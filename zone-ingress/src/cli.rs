@@ -103,6 +103,11 @@ struct RunArgs {
     /// Directory on bpffs where the BPF maps are pinned.
     #[arg(long, value_name = "DIR", default_value = zone_ingress_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Keep every capability the agent started with. By default, once the BPF programs are loaded
+    /// (and the XDP guard attached), it drops CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and
+    /// CAP_PERFMON from all its threads where nothing later needs them.
+    #[arg(long)]
+    keep_capabilities: bool,
     /// The agent's own configuration (YAML, next to the ZoneIngress resource): the `guard`
     /// section. Reloaded on SIGHUP and on change.
     #[arg(long, value_name = "FILE", env = "ZONE_INGRESS_AGENT_CONFIG")]
@@ -382,6 +387,21 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
             .unwrap_or(crate::config::DEFAULT_ADMIN_PORT),
         readiness_port: cp.readiness_port,
         bootstrap_retry_for: crate::cp::bootstrap::RETRY_FOR,
+        response_timeout: match std::env::var(crate::cp::RESPONSE_TIMEOUT_ENV) {
+            Err(_) => crate::cp::RESPONSE_TIMEOUT,
+            Ok(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && *s <= 3600.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    format!(
+                        "{}={v:?} is not a number of seconds in (0, 3600]",
+                        crate::cp::RESPONSE_TIMEOUT_ENV
+                    )
+                })?,
+        },
     }))
 }
 
@@ -411,6 +431,7 @@ fn run(args: RunArgs) -> ExitCode {
         access_log_format: args.access_log_format,
         agent_config: args.agent_config,
         guard: args.guard,
+        keep_capabilities: args.keep_capabilities,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,7 +7,7 @@
 //! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] (files) and [`cp`] (the Kuma
 //! control plane's ADS stream) swap route tables; [`maps`] reads the pinned BPF maps for
 //! operators (`zone-ingress maps dump`). [`guard`] (XDP) filters packets to the listener before
-//! the kernel's stack sees them.
+//! the kernel's stack sees them. [`privs`] checks and drops Linux capabilities.
 
 pub mod accesslog;
 pub mod admin;
@@ -20,6 +20,7 @@ pub mod datapath;
 pub mod guard;
 pub mod listener;
 pub mod maps;
+pub mod privs;
 pub mod reload;
 pub mod routes;
 pub mod stats;

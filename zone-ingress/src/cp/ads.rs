@@ -216,15 +216,38 @@ impl AdsClient {
                 }
             }
         }
-        let mut stream = match client.stream_aggregated_resources(req).await {
-            Ok(s) => s.into_inner(),
-            Err(status) => return (classify(&status), false),
+        // A CP owes the first response within the response timeout (Envoy's
+        // initial_fetch_timeout); after that, silence is normal: xDS only pushes changes.
+        let limit = self.opts.response_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let stalled = || {
+            StreamEnd::Retry(format!(
+                "the control plane opened no ADS stream or sent no response within {limit:?} (stalled CP)"
+            ))
+        };
+        let mut stream = match tokio::time::timeout_at(
+            deadline,
+            client.stream_aggregated_resources(req),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(status)) => return (classify(&status), false),
+            Err(_) => return (stalled(), false),
         };
         tracing::info!(cp = %format!("{}:{}", self.connector.host, self.connector.port), "ADS stream open");
         self.stats.set_control_plane_connected(true);
         let mut progressed = false;
         loop {
-            match stream.message().await {
+            let next = if progressed {
+                stream.message().await
+            } else {
+                match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return (stalled(), false),
+                }
+            };
+            match next {
                 Ok(Some(resp)) => {
                     progressed = true;
                     for reply in self.handle(state, resp) {

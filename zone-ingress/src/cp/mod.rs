@@ -129,7 +129,16 @@ pub struct CpOptions {
     pub readiness_port: u16,
     /// How long `/bootstrap` is retried (kuma-dp: 5 minutes).
     pub bootstrap_retry_for: Duration,
+    /// How long a control plane may stay silent where it owes an answer: the TLS handshake, and
+    /// the first response on a new ADS stream (Envoy's `initial_fetch_timeout`, 15 s). Past it
+    /// the connection is dropped and retried.
+    pub response_timeout: Duration,
 }
+
+/// [`CpOptions::response_timeout`] by default.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A development knob: [`CpOptions::response_timeout`] in seconds (tests shorten it).
+pub const RESPONSE_TIMEOUT_ENV: &str = "ZONE_INGRESS_CP_RESPONSE_TIMEOUT";
 
 impl CpOptions {
     /// The CA PEM for the bootstrap request's `caCert`.

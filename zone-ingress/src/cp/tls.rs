@@ -45,6 +45,9 @@ pub struct Connector {
     /// The name the certificate must carry: the host, unless the bootstrap named another.
     server_name: ServerName<'static>,
     pub connect_timeout: Duration,
+    /// Bounds the TLS handshake: a CP that accepts TCP and never answers must not hang the
+    /// session.
+    pub handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connector {
@@ -76,7 +79,13 @@ impl Connector {
             tls: tls.map(Arc::new),
             server_name,
             connect_timeout: Duration::from_secs(10),
+            handshake_timeout: super::RESPONSE_TIMEOUT,
         })
+    }
+
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 
     /// Verifies the certificate against `name` instead of the host (the bootstrap's ADS SNI).
@@ -110,9 +119,20 @@ impl Connector {
         let Some(cfg) = &self.tls else {
             return Ok(Box::pin(tcp));
         };
-        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(self.server_name.clone(), tcp)
+        let handshake =
+            tokio_rustls::TlsConnector::from(cfg.clone()).connect(self.server_name.clone(), tcp);
+        let tls = tokio::time::timeout(self.handshake_timeout, handshake)
             .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the control plane at {addr} accepted the connection but did not complete \
+                         the TLS handshake within {:?} (overloaded or stalled CP)",
+                        self.handshake_timeout
+                    ),
+                )
+            })?
             .map_err(|e| {
                 // A certificate that does not verify will not verify on the next attempt either:
                 // InvalidData tells the caller not to retry.

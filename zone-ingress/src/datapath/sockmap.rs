@@ -208,6 +208,13 @@ impl Splicer {
         splicer
     }
 
+    /// Brings the route map in line with `table` now (the periodic sync lags up to
+    /// [`ROUTE_SYNC_EVERY`]): the agent calls it before it reports ready, so `maps dump routes`
+    /// lists the routes it serves from the first moment.
+    pub fn sync_routes(&self, table: &Arc<crate::routes::RouteTable>) {
+        self.routes.sync(table);
+    }
+
     /// Keeps the route map in line with the current route table (a reload swaps the table).
     fn spawn_route_sync(splicer: std::sync::Weak<Self>, store: Arc<RouteStore>) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -496,6 +503,26 @@ impl Splicer {
     /// The kernel's view of one side (zeros if the entry is gone).
     fn side(&self, cookie: u64) -> FlowSide {
         lock(&self.flows).get(&cookie, 0).unwrap_or_default()
+    }
+
+    /// Exercises the map operations flows make (a lookup, an insert and a removal on the control
+    /// map, under key 0: no socket has cookie 0, so the verdict never reads it). Used to prove the
+    /// agent still may use its maps before it drops the capabilities that loaded them.
+    pub fn probe_map_access(&self) -> Result<(), MapError> {
+        let mut ctrl = lock(&self.ctrl);
+        match ctrl.get(&0, 0) {
+            Ok(_) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+        ctrl.insert(
+            0,
+            FlowCtrl {
+                armed: 0,
+                redirect_limit: 0,
+            },
+            0,
+        )?;
+        ctrl.remove(&0)
     }
 
     fn set_ctrl(&self, cookie: u64, armed: u64, redirect_limit: u64) -> Result<(), MapError> {

@@ -98,6 +98,11 @@ pub fn start(
 }
 
 impl GuardRuntime {
+    /// True while the XDP program is attached.
+    pub fn attached(&self) -> bool {
+        lock(&self.state).guard.is_some()
+    }
+
     /// Detaches the guard (the agent is exiting); later reloads do nothing.
     pub fn shutdown(&self) {
         let mut st = lock(&self.state);
