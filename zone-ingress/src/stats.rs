@@ -486,22 +486,50 @@ impl Stats {
                 c.downstream_tx_bytes.load(Ordering::Relaxed) + k.1
             }),
         );
-        metric(
-            "envoy_cluster_upstream_cx_total",
-            "counter",
-            "Connection attempts to endpoints, failed ones included (Envoy name)",
-            &rows("envoy_cluster_name", &|c, _| {
-                c.upstream_cx_total.load(Ordering::Relaxed)
-            }),
-        );
-        metric(
-            "envoy_cluster_upstream_cx_connect_fail",
-            "counter",
-            "Failed connection attempts to endpoints (Envoy name)",
-            &rows("envoy_cluster_name", &|c, _| {
-                c.upstream_cx_connect_fail.load(Ordering::Relaxed)
-            }),
-        );
+        // Per-cluster series: one row per cluster, labelled with its Envoy stat name.
+        type Field = fn(&ClusterCounters) -> &AtomicU64;
+        let per_cluster: [(&str, &str, &str, Field); 5] = [
+            (
+                "envoy_cluster_upstream_cx_total",
+                "counter",
+                "Connection attempts to endpoints, failed ones included (Envoy name)",
+                |c| &c.upstream_cx_total,
+            ),
+            (
+                "envoy_cluster_upstream_cx_connect_fail",
+                "counter",
+                "Failed connection attempts to endpoints (Envoy name)",
+                |c| &c.upstream_cx_connect_fail,
+            ),
+            (
+                "envoy_cluster_membership_healthy",
+                "gauge",
+                "Endpoints of the cluster in the applied route table (Envoy name)",
+                |c| &c.membership_healthy,
+            ),
+            (
+                "envoy_cluster_update_success",
+                "counter",
+                "EDS updates applied to the cluster (Envoy name)",
+                |c| &c.update_success,
+            ),
+            (
+                "envoy_cluster_update_rejected",
+                "counter",
+                "EDS updates rejected (NACKed) while the cluster existed (Envoy name)",
+                |c| &c.update_rejected,
+            ),
+        ];
+        for (name, kind, help, field) in per_cluster {
+            metric(
+                name,
+                kind,
+                help,
+                &rows("envoy_cluster_name", &|c, _| {
+                    field(c).load(Ordering::Relaxed)
+                }),
+            );
+        }
         metric(
             "envoy_server_uptime",
             "gauge",
@@ -514,62 +542,44 @@ impl Stats {
             "The agent's resident set size in bytes (Envoy reports its heap; the agent reports RSS, which includes it)",
             &[(String::new(), resident_bytes())],
         );
-        metric(
-            "envoy_cluster_membership_healthy",
-            "gauge",
-            "Endpoints of the cluster in the applied route table (Envoy name)",
-            &rows("envoy_cluster_name", &|c, _| {
-                c.membership_healthy.load(Ordering::Relaxed)
-            }),
-        );
-        metric(
-            "envoy_cluster_update_success",
-            "counter",
-            "EDS updates applied to the cluster (Envoy name)",
-            &rows("envoy_cluster_name", &|c, _| {
-                c.update_success.load(Ordering::Relaxed)
-            }),
-        );
-        metric(
-            "envoy_cluster_update_rejected",
-            "counter",
-            "EDS updates rejected (NACKed) while the cluster existed (Envoy name)",
-            &rows("envoy_cluster_name", &|c, _| {
-                c.update_rejected.load(Ordering::Relaxed)
-            }),
-        );
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        metric(
-            "envoy_cluster_manager_cds_update_success",
-            "counter",
-            "CDS updates accepted (Envoy name)",
-            &[(String::new(), load(&self.xds.cds_success))],
-        );
-        metric(
-            "envoy_cluster_manager_cds_update_rejected",
-            "counter",
-            "CDS updates rejected (Envoy name)",
-            &[(String::new(), load(&self.xds.cds_rejected))],
-        );
-        metric(
-            "envoy_listener_manager_lds_update_success",
-            "counter",
-            "LDS updates accepted (Envoy name)",
-            &[(String::new(), load(&self.xds.lds_success))],
-        );
-        metric(
-            "envoy_listener_manager_lds_update_rejected",
-            "counter",
-            "LDS updates rejected (Envoy name)",
-            &[(String::new(), load(&self.xds.lds_rejected))],
-        );
+        // Control-plane session series, without labels.
+        let x = &self.xds;
+        for (name, help, value) in [
+            (
+                "envoy_cluster_manager_cds_update_success",
+                "CDS updates accepted (Envoy name)",
+                &x.cds_success,
+            ),
+            (
+                "envoy_cluster_manager_cds_update_rejected",
+                "CDS updates rejected (Envoy name)",
+                &x.cds_rejected,
+            ),
+            (
+                "envoy_listener_manager_lds_update_success",
+                "LDS updates accepted (Envoy name)",
+                &x.lds_success,
+            ),
+            (
+                "envoy_listener_manager_lds_update_rejected",
+                "LDS updates rejected (Envoy name)",
+                &x.lds_rejected,
+            ),
+        ] {
+            metric(
+                name,
+                "counter",
+                help,
+                &[(String::new(), value.load(Ordering::Relaxed))],
+            );
+        }
         metric(
             "envoy_control_plane_connected_state",
             "gauge",
             "1 while the ADS stream to the control plane is open (Envoy name); 0 with file-based routes",
             &[(
                 String::new(),
-                u64::from(self.xds.connected.load(Ordering::Relaxed)),
+                u64::from(x.connected.load(Ordering::Relaxed)),
             )],
         );
     }

@@ -155,7 +155,7 @@ impl AdsClient {
                     tracing::error!(error = %msg, retry_in = ?backoff, "the control plane rejected the dataplane token; routing continues on the last applied table");
                 }
                 StreamEnd::Retry(reason) => {
-                    tracing::warn!(cp = %format!("{}:{}", self.connector.host, self.connector.port), %reason, retry_in = ?backoff, "ADS stream to the control plane ended; routing continues on the last applied table");
+                    tracing::warn!(cp = %self.connector.authority(), %reason, retry_in = ?backoff, "ADS stream to the control plane ended; routing continues on the last applied table");
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
@@ -235,7 +235,7 @@ impl AdsClient {
             Ok(Err(status)) => return (classify(&status), false),
             Err(_) => return (stalled(), false),
         };
-        tracing::info!(cp = %format!("{}:{}", self.connector.host, self.connector.port), "ADS stream open");
+        tracing::info!(cp = %self.connector.authority(), "ADS stream open");
         self.stats.set_control_plane_connected(true);
         let mut progressed = false;
         loop {
@@ -273,11 +273,7 @@ impl AdsClient {
         } else {
             "http"
         };
-        let authority = if self.connector.host.contains(':') {
-            format!("[{}]:{}", self.connector.host, self.connector.port)
-        } else {
-            format!("{}:{}", self.connector.host, self.connector.port)
-        };
+        let authority = self.connector.authority();
         let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{authority}"))
             .map_err(|e| format!("bad xDS address {authority}: {e}"))?
             // Kuma's dp-server keepalive is 15 s; a dead CP is noticed within ~35 s.
@@ -291,16 +287,7 @@ impl AdsClient {
                 async move { c.connect().await.map(TokioIo::new) }
             }))
             .await
-            .map_err(|e| {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
-                msg
-            })
+            .map_err(|e| format!("{e}{}", sources(&e)))
     }
 
     /// Handles one response; returns the requests to send (the ACK or NACK, and an EDS
@@ -554,14 +541,19 @@ fn classify(status: &tonic::Status) -> StreamEnd {
             msg
         });
     }
-    let mut reason = format!("{:?}: {msg}", status.code());
-    let mut src = std::error::Error::source(status);
+    StreamEnd::Retry(format!("{:?}: {msg}{}", status.code(), sources(status)))
+}
+
+/// `: source: its source...` of an error (tonic's errors hide the useful part in a source).
+fn sources(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut src = e.source();
     while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
+        out.push_str(": ");
+        out.push_str(&s.to_string());
         src = s.source();
     }
-    StreamEnd::Retry(reason)
+    out
 }
 
 /// ±20% so that many ingresses do not reconnect in lockstep after a CP restart.

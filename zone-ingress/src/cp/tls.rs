@@ -98,6 +98,16 @@ impl Connector {
         Ok(self)
     }
 
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn authority(&self) -> String {
+        super::CpAddress {
+            tls: self.is_tls(),
+            host: self.host.clone(),
+            port: self.port,
+        }
+        .authority()
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
