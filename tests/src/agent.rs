@@ -173,6 +173,10 @@ pub struct Agent<'ns> {
     dir: tempfile::TempDir,
     pin_dir: PathBuf,
     routes_path: PathBuf,
+    datapath: Datapath,
+    args: Vec<std::ffi::OsString>,
+    /// False once a newer agent (hot restart) uses the pin dir: then Drop leaves it.
+    owns_pins: bool,
 }
 
 impl<'ns> Agent<'ns> {
@@ -199,8 +203,31 @@ impl<'ns> Agent<'ns> {
             args.extend(["--connect-timeout".into(), t.into()]);
         }
         args.extend(opts.extra_args.iter().map(Into::into));
-        let mut agent = Agent::spawn(ns, dir, routes_path, opts.datapath, &args);
+        let mut agent = Agent::spawn(ns, dir, routes_path, opts.datapath, &args, None);
         agent.wait_ready(Duration::from_secs(20)).await;
+        agent
+    }
+
+    /// Starts `zone-ingress run --upgrade` with this agent's flags, config files and pin dir (a
+    /// hot restart) and returns it without waiting. From then on the new agent owns the pin dir.
+    pub fn upgrade(&mut self) -> Agent<'ns> {
+        let dir = tempfile::Builder::new()
+            .prefix("zi-agent-")
+            .tempdir()
+            .expect("create the agent's temp dir");
+        let mut args = self.args.clone();
+        args.push("--upgrade".into());
+        self.owns_pins = false;
+        let mut agent = Agent::spawn(
+            self.ns,
+            dir,
+            self.routes_path.clone(),
+            self.datapath,
+            &args,
+            Some(self.pin_dir.clone()),
+        );
+        // The flags still name the first agent's config files: the oldest Agent keeps them.
+        agent.args = self.args.clone();
         agent
     }
 
@@ -216,7 +243,7 @@ impl<'ns> Agent<'ns> {
             .tempdir()
             .expect("create the agent's temp dir");
         let routes_path = dir.path().join("routes.yaml");
-        Agent::spawn(ns, dir, routes_path, datapath, args)
+        Agent::spawn(ns, dir, routes_path, datapath, args, None)
     }
 
     fn spawn(
@@ -225,9 +252,12 @@ impl<'ns> Agent<'ns> {
         routes_path: PathBuf,
         datapath: Datapath,
         args: &[std::ffi::OsString],
+        pin_dir: Option<PathBuf>,
     ) -> Agent<'ns> {
         let bin = binary();
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()));
+        let pin_dir = pin_dir.unwrap_or_else(|| {
+            PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()))
+        });
         if datapath != Datapath::Userspace {
             ensure_bpffs();
             sweep_stale_pin_dirs();
@@ -261,6 +291,9 @@ impl<'ns> Agent<'ns> {
             dir,
             pin_dir,
             routes_path,
+            datapath,
+            args: args.to_vec(),
+            owns_pins: true,
         }
     }
 
@@ -464,7 +497,7 @@ impl Drop for Agent<'_> {
                 let _ = self.child.wait();
             }
         }
-        if self.pin_dir.exists() {
+        if self.owns_pins && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
         if std::thread::panicking() {

@@ -2,6 +2,7 @@
 //! and the shutdown sequence.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -12,12 +13,16 @@ use tokio::sync::watch;
 
 use crate::accesslog::{self, AccessLog};
 use crate::admin::{self, Readiness};
-use crate::bpf::BpfPrograms;
+use crate::bpf::{BpfPrograms, Pins};
 use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
 use crate::cp::tls::Connector;
 use crate::cp::{AdsClient, CpOptions};
 use crate::datapath::DatapathMode;
 use crate::datapath::sockmap::Splicer;
+use crate::handoff::{
+    self,
+    receiver::{Adopter, Upgrade},
+};
 use crate::listener::{self, ActiveFlows, Ingress};
 use crate::reload;
 use crate::routes::{RouteStore, RouteTable};
@@ -47,6 +52,11 @@ pub struct RunOptions {
     /// `--agent-config`: the agent's own settings (the XDP guard).
     pub agent_config: Option<PathBuf>,
     pub guard: crate::guard::GuardArgs,
+    /// `--upgrade`: take the sockets and spliced flows of the agent running on the same handoff
+    /// socket, then make it exit (hot restart).
+    pub upgrade: bool,
+    /// `--handoff-socket`: where this agent offers, and `--upgrade` looks for, the handoff.
+    pub handoff_socket: PathBuf,
 }
 
 /// After the drain time, how long flows told to finish get to deliver what they hold.
@@ -112,8 +122,32 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let routes = Arc::new(RouteStore::new(RouteTable::new("none yet", [])));
     let listen_cell = Arc::new(OnceLock::new());
 
-    let splicer = load_datapath(&opts)?
+    // A hot restart takes the running agent's listening sockets first: they stay shared (both
+    // accept) until this agent is ready, so no connection attempt is refused meanwhile.
+    let upgrade =
+        if opts.upgrade {
+            Some(Upgrade::connect(&opts.handoff_socket).await.context(
+                "--upgrade: the handoff with the running agent failed; it keeps serving",
+            )?)
+        } else {
+            None
+        };
+    let pins = match &upgrade {
+        Some(u) if u.old_spliced => match crate::bpf::check_reusable(&opts.pin_dir) {
+            Ok(()) => Pins::Reuse,
+            Err(e) => {
+                tracing::warn!(error = %e, "the running agent's BPF maps differ from this version's: not taking its flows over; it drains them (drain-based restart)");
+                Pins::Replace
+            }
+        },
+        _ => Pins::Replace,
+    };
+    let splicer = load_datapath(&opts, pins)?
         .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
+    let adopt_flows = pins == Pins::Reuse && splicer.is_some();
+    // Dups of the listening sockets, for the next upgrade.
+    let mut shared: Vec<(SocketAddr, OwnedFd)> = Vec::new();
+    let mut admin_tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
 
     let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
         readiness: readiness.clone(),
@@ -139,8 +173,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             routes.replace(table);
             let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
-            let admin_listener = admin::bind(admin_addr).await?;
-            tokio::spawn(admin::serve(admin_listener, admin_state(Some(&zi))));
+            let admin_listener = match upgrade.as_ref().and_then(|u| u.take_socket(admin_addr)) {
+                Some(fd) => tcp_listener(fd)?,
+                None => admin::bind(admin_addr).await?,
+            };
+            share(&mut shared, admin_addr, &admin_listener);
+            admin_tasks.push(tokio::spawn(admin::serve(
+                admin_listener,
+                admin_state(Some(&zi)),
+            )));
             Started {
                 listen: zi.listen_addr(),
                 ready_addr: Some(SocketAddr::new(
@@ -169,9 +210,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .map(|zi| zi.name.clone())
         .or_else(|| opts.cp.as_ref().map(|cp| cp.name.clone()))
         .unwrap_or_default();
-    let listener = listener::bind(listen).with_context(|| {
-        format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
-    })?;
+    let listener = match upgrade.as_ref().and_then(|u| u.take_socket(listen)) {
+        Some(fd) => tcp_listener(fd)?,
+        None => listener::bind(listen).with_context(|| {
+            format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
+        })?,
+    };
+    share(&mut shared, listen, &listener);
     let _ = listen_cell.set(listen);
     // Kuma's K8s probe hits podIP:<admin port>/ready. A loopback address is already covered by
     // the admin API; a wildcard one would also expose it (and clash with the 127.0.0.1 bind).
@@ -180,8 +225,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracing::info!(address = %addr.ip(), "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
         }
         Some(addr) if !addr.ip().is_loopback() => {
-            let ready_listener = admin::bind(addr).await?;
-            tokio::spawn(admin::serve_ready_only(ready_listener, readiness.clone()));
+            let ready_listener = match upgrade.as_ref().and_then(|u| u.take_socket(addr)) {
+                Some(fd) => tcp_listener(fd)?,
+                None => admin::bind(addr).await?,
+            };
+            share(&mut shared, addr, &ready_listener);
+            admin_tasks.push(tokio::spawn(admin::serve_ready_only(
+                ready_listener,
+                readiness.clone(),
+            )));
         }
         _ => {}
     }
@@ -218,7 +270,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
         connect_timeout: opts.connect_timeout,
         flows: flows.clone(),
-        splicer,
+        splicer: splicer.clone(),
         access_log,
         drain: drain_rx,
     });
@@ -229,8 +281,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         &opts.pin_dir,
         stats.clone(),
     )?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
+    let (mut stop_tx, stop_rx) = watch::channel(false);
+    let mut server = Some(tokio::spawn(listener::serve(
+        listener,
+        ingress.clone(),
+        stop_rx,
+    )));
     readiness.set_ready();
     tracing::info!(
         %name,
@@ -238,11 +294,81 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         routes = routes.load().len(),
         "zone-ingress listening"
     );
+    if let Some(upgrade) = upgrade {
+        let adopter = splicer
+            .clone()
+            .filter(|_| adopt_flows)
+            .map(|splicer| Adopter {
+                splicer,
+                stats: stats.clone(),
+                flows: flows.clone(),
+                drain: drain_tx.subscribe(),
+            });
+        match take_over(upgrade, adopter.as_ref()).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "hot restart incomplete: the running agent resumes accepting and keeps its flows; this agent serves too, without a handoff socket")
+            }
+        }
+    }
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bound after a takeover completed, so the next `--upgrade` finds this agent.
+    let _handoff = match handoff::sender::bind(&opts.handoff_socket) {
+        Ok((unix, bound)) => {
+            let sender = handoff::sender::Sender {
+                sockets: shared
+                    .iter()
+                    .filter_map(|(a, f)| Some((*a, f.try_clone().ok()?)))
+                    .collect(),
+                splicer: splicer.clone(),
+                events: events_tx,
+                flows: flows.clone(),
+            };
+            tokio::spawn(sender.serve(unix));
+            Some(bound)
+        }
+        Err(e) => {
+            tracing::warn!(path = %opts.handoff_socket.display(), error = %e, "cannot offer a hot restart (handoff socket); `run --upgrade` will not find this agent");
+            None
+        }
+    };
 
-    let signal_name = shutdown.recv().await;
+    let signal_name = loop {
+        tokio::select! {
+            sig = shutdown.recv() => break sig,
+            Some(event) = events_rx.recv() => match event {
+                handoff::sender::Event::StopAccepting => {
+                    let _ = stop_tx.send(true);
+                    if let Some(s) = server.take() {
+                        let _ = s.await;
+                    }
+                    tracing::info!("the new agent accepts now; stopped accepting");
+                }
+                handoff::sender::Event::ResumeAccepting => {
+                    let Some(fd) = shared
+                        .iter()
+                        .find(|(a, _)| *a == listen)
+                        .and_then(|(_, f)| f.try_clone().ok())
+                    else {
+                        continue;
+                    };
+                    let (tx, rx) = watch::channel(false);
+                    stop_tx = tx;
+                    server = Some(tokio::spawn(listener::serve(tcp_listener(fd)?, ingress.clone(), rx)));
+                    tracing::info!("accepting again after the failed handoff");
+                }
+                handoff::sender::Event::Exit => break "hot restart",
+            }
+        }
+    };
+    for task in &admin_tasks {
+        task.abort();
+    }
     readiness.set_terminating();
     let _ = stop_tx.send(true);
-    let _ = server.await;
+    if let Some(s) = server.take() {
+        let _ = s.await;
+    }
     let active = flows.count();
     tracing::info!(signal = signal_name, active_flows = active, drain_time = ?opts.drain_time, "stopped accepting; draining");
     if tokio::time::timeout(opts.drain_time, flows.wait_idle())
@@ -275,15 +401,51 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// The new agent's part of a hot restart once it accepts: the old agent stops accepting, hands
+/// over its spliced flows (when the maps were reused) and exits after the flows it kept.
+async fn take_over(upgrade: Upgrade, adopter: Option<&Adopter>) -> Result<()> {
+    let old_pid = upgrade.old_pid;
+    upgrade.listening().await?;
+    let adopted = match adopter {
+        Some(a) => upgrade.take_flows(a).await?,
+        None => 0,
+    };
+    let kept = upgrade.finish().await?;
+    tracing::info!(
+        old_pid,
+        adopted,
+        kept_by_old = kept,
+        "hot restart: took over; the old agent exits once the flows it kept end"
+    );
+    Ok(())
+}
+
+/// A listening socket received from the old agent.
+fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener> {
+    let std = std::net::TcpListener::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
+}
+
+/// Keeps a dup of a listening socket to hand to the next agent.
+fn share(shared: &mut Vec<(SocketAddr, OwnedFd)>, addr: SocketAddr, l: &tokio::net::TcpListener) {
+    match l.as_fd().try_clone_to_owned() {
+        Ok(fd) => shared.push((addr, fd)),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot keep the socket for a hot restart");
+        }
+    }
+}
+
 /// Loads the BPF programs when the datapath wants them. `auto` falls back (said once); `sockmap`
 /// makes a failure fatal.
-fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
+fn load_datapath(opts: &RunOptions, pins: Pins) -> Result<Option<BpfPrograms>> {
     match opts.datapath {
         DatapathMode::Userspace => {
             tracing::info!("datapath: userspace copy (--datapath userspace)");
             Ok(None)
         }
-        DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir) {
+        DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir, pins) {
             Ok(p) => {
                 tracing::info!(
                     budget = opts.splice_budget,
@@ -299,7 +461,7 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
             }
         },
         DatapathMode::Sockmap => {
-            let p = BpfPrograms::load(&opts.pin_dir)
+            let p = BpfPrograms::load(&opts.pin_dir, pins)
                 .context("--datapath sockmap needs the BPF programs")?;
             tracing::info!(
                 budget = opts.splice_budget,

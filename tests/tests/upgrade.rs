@@ -1,0 +1,182 @@
+//! Hot restart (`zone-ingress run --upgrade`): live spliced flows keep moving verified bytes and
+//! a client keeps opening connections while the agent is replaced several times in a row.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use zone_ingress_tests::agent::{Agent, Datapath, Options, Route};
+use zone_ingress_tests::netns::Topology;
+use zone_ingress_tests::pki::SNI_BACKEND;
+use zone_ingress_tests::run_test;
+use zone_ingress_tests::tls::{self, Backend, Behaviour};
+
+const BACKEND_PORT: u16 = 8443;
+const FLOWS: usize = 100;
+const UPGRADES: usize = 10;
+
+/// The `adopted=N` of the new agent's takeover log line.
+fn adopted(log: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("took over the running agent's spliced flows"))?;
+    let rest = &line[line.find("adopted=")? + "adopted=".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrades_keep_every_flow_and_refuse_no_connection() {
+    run_test(Duration::from_secs(120), async {
+        let topo = Topology::new();
+        let _backend = Backend::start(
+            &topo.backend,
+            Topology::backend_addr(BACKEND_PORT),
+            Behaviour::Echo,
+        )
+        .await;
+        let mut opts = Options::new(Datapath::Sockmap);
+        opts.extra_args = vec!["--drain-time".into(), "5s".into()];
+        let first = Agent::start(
+            &topo.ingress,
+            &[Route::new(
+                SNI_BACKEND,
+                &[Topology::backend_addr(BACKEND_PORT)],
+            )],
+            opts,
+        )
+        .await;
+        let addr = first.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let moved = Arc::new(AtomicU64::new(0));
+
+        // Live flows: each echoes numbered 4 KiB messages and checks every byte that comes back.
+        let mut flows = JoinSet::new();
+        for i in 0..FLOWS {
+            let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+                .await
+                .unwrap_or_else(|e| panic!("flow {i}: connect: {e}"));
+            let (stop, moved) = (stop.clone(), moved.clone());
+            flows.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let msg: Vec<u8> = (0..4096u64)
+                        .map(|k| (k.wrapping_mul(31) ^ n ^ i as u64) as u8)
+                        .collect();
+                    if let Err(e) = tls::echo_roundtrip(&mut s, &msg).await {
+                        return Err(format!("flow {i}, message {n}: {e}"));
+                    }
+                    moved.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // A clean end: our FIN reaches the backend, its FIN comes back.
+                s.shutdown().await.map_err(|e| format!("flow {i}: shutdown: {e}"))?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest)
+                    .await
+                    .map_err(|e| format!("flow {i}: reading to EOF: {e}"))?;
+                Ok(n)
+            });
+        }
+
+        // New connections in a loop, each a full TLS echo.
+        let attempts = Arc::new(AtomicU64::new(0));
+        let client = {
+            let (stop, attempts) = (stop.clone(), attempts.clone());
+            let ns = &topo.client;
+            let connect = move || tls::connect(ns, addr, SNI_BACKEND);
+            let mut failures = Vec::new();
+            async move {
+                while !stop.load(Ordering::Relaxed) && attempts.load(Ordering::Relaxed) < 100_000 {
+                    let k = attempts.fetch_add(1, Ordering::Relaxed);
+                    let r = async {
+                        let mut s = connect().await?;
+                        tls::echo_roundtrip(&mut s, format!("attempt {k}").as_bytes()).await?;
+                        s.shutdown().await
+                    };
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), r)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    {
+                        failures.push(format!("attempt {k}: {e}"));
+                    }
+                }
+                failures
+            }
+        };
+        let upgrades = async {
+            let mut agents = vec![first];
+            let start = Instant::now();
+            for u in 0..UPGRADES {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let old_pid = agents.last().expect("an agent").pid();
+                let mut new = agents.last_mut().expect("an agent").upgrade();
+                let status = agents
+                    .last_mut()
+                    .expect("an agent")
+                    .wait_exit(Duration::from_secs(15))
+                    .await;
+                assert!(
+                    status.success(),
+                    "upgrade {u}: the old agent {old_pid} exited with {status}"
+                );
+                new.wait_ready(Duration::from_secs(10)).await;
+                let log = new.stderr();
+                let n = adopted(&log).unwrap_or_else(|| {
+                    panic!("upgrade {u}: the new agent logged no takeover:\n{log}")
+                });
+                assert!(
+                    n >= FLOWS as u64,
+                    "upgrade {u}: the new agent adopted {n} spliced flows, expected at least {FLOWS}"
+                );
+                agents.push(new);
+            }
+            (agents, start.elapsed())
+        };
+        let (client_failures, (mut agents, took)) = tokio::join!(
+            client,
+            async {
+                let r = upgrades.await;
+                stop.store(true, Ordering::Relaxed);
+                r
+            }
+        );
+        let mut messages = 0;
+        while let Some(r) = flows.join_next().await {
+            match r.expect("flow task") {
+                Ok(n) => messages += n,
+                Err(e) => panic!("a live flow broke across the upgrades: {e}"),
+            }
+        }
+        assert!(
+            client_failures.is_empty(),
+            "{} of {} connection attempts failed during the upgrades: {:?}",
+            client_failures.len(),
+            attempts.load(Ordering::Relaxed),
+            &client_failures[..client_failures.len().min(10)]
+        );
+        assert!(
+            attempts.load(Ordering::Relaxed) > UPGRADES as u64,
+            "the client made too few attempts to mean anything"
+        );
+        let mut last = agents.pop().expect("an agent");
+        assert!(last.is_running(), "the last agent exited");
+        let mut old_running = 0;
+        for a in agents.iter_mut() {
+            old_running += usize::from(a.is_running());
+        }
+        assert_eq!(old_running, 0, "old agents still running");
+        eprintln!(
+            "{UPGRADES} upgrades in {took:?}; {FLOWS} flows echoed {messages} messages ({} bytes), \
+             {} new connections, none refused",
+            moved.load(Ordering::Relaxed),
+            attempts.load(Ordering::Relaxed)
+        );
+    })
+    .await;
+}
