@@ -5,8 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
+use zone_ingress_common::{FlowCtrl, FlowInfo, FlowSide, map_names};
 use zone_ingress_tests::agent::{Agent, Datapath, Options, Route};
 use zone_ingress_tests::netns::Topology;
 use zone_ingress_tests::pki::SNI_BACKEND;
@@ -16,6 +20,18 @@ use zone_ingress_tests::tls::{self, Backend, Behaviour};
 const BACKEND_PORT: u16 = 8443;
 const FLOWS: usize = 100;
 const UPGRADES: usize = 10;
+
+/// The keys of a pinned `u64 -> V` hash map.
+fn keys<V: aya::Pod>(pin_dir: &Path, name: &str) -> Vec<u64> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let map = Map::from_map_data(data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let h: BpfHashMap<MapData, u64, V> =
+        BpfHashMap::try_from(map).unwrap_or_else(|e| panic!("{name}: {e}"));
+    h.keys()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| panic!("iterate {name}: {e}"))
+}
 
 /// The `adopted=N` of the new agent's takeover log line.
 fn adopted(log: &str) -> Option<u64> {
@@ -166,6 +182,76 @@ async fn upgrades_keep_every_flow_and_refuse_no_connection() {
         );
         let mut last = agents.pop().expect("an agent");
         assert!(last.is_running(), "the last agent exited");
+        // New flows on the last agent are spliced (its programs are attached to the reused
+        // SockHash) and copy no payload through userspace.
+        const AFTER: u64 = 20;
+        for k in 0..AFTER {
+            let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+                .await
+                .unwrap_or_else(|e| panic!("connection {k} after the upgrades: {e}"));
+            tls::echo_roundtrip(&mut s, &[7u8; 32 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("connection {k} after the upgrades: {e}"));
+            s.shutdown().await.expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.expect("EOF after shutdown");
+        }
+        let m = last
+            .metrics_until(Duration::from_secs(10), |m| {
+                m.get("zone_ingress_downstream_cx_active", &[]) == 0.0
+            })
+            .await;
+        assert_eq!(
+            m.get("zone_ingress_downstream_cx_active", &[]),
+            0.0,
+            "flows still open on the last agent:\n{}",
+            m.dump("zone_ingress")
+        );
+        let spliced = m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]);
+        let copied = m.get(
+            "zone_ingress_userspace_copied_bytes_total",
+            &[("datapath", "sockmap")],
+        );
+        assert!(
+            spliced >= AFTER as f64,
+            "the last agent spliced {spliced} flows, expected at least {AFTER}:\n{}",
+            m.dump("zone_ingress")
+        );
+        assert_eq!(
+            m.get("zone_ingress_flows_total", &[("datapath", "userspace")]),
+            0.0,
+            "flows took the userspace copy:\n{}",
+            m.dump("zone_ingress")
+        );
+        assert!(
+            copied < spliced * 4096.0,
+            "{copied} bytes copied through userspace for {spliced} spliced flows: more than their ClientHellos"
+        );
+        assert_eq!(
+            m.get("zone_ingress_splice_integrity_errors_total", &[]),
+            0.0,
+            "integrity errors on the last agent"
+        );
+        // Every flow ended, in whichever agent: no entry is left in the per-flow maps.
+        let pins = last.pin_dir().to_path_buf();
+        let left = [
+            (map_names::FLOWS, keys::<FlowSide>(&pins, map_names::FLOWS)),
+            (map_names::CTRL, keys::<FlowCtrl>(&pins, map_names::CTRL)),
+            (map_names::FLOW_INFO, keys::<FlowInfo>(&pins, map_names::FLOW_INFO)),
+        ];
+        for (name, keys) in left {
+            assert!(
+                keys.is_empty(),
+                "{name} still has {} entries after every flow ended: {keys:?}",
+                keys.len()
+            );
+        }
+        for (i, a) in agents.iter().chain(std::iter::once(&last)).enumerate() {
+            let log = a.stderr();
+            for bad in ["integrity check failed", "cannot adopt", "hot restart failed", "hot restart incomplete"] {
+                assert!(!log.contains(bad), "agent {i} logged {bad:?}:\n{log}");
+            }
+        }
         let mut old_running = 0;
         for a in agents.iter_mut() {
             old_running += usize::from(a.is_running());

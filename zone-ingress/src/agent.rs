@@ -145,9 +145,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let splicer = load_datapath(&opts, pins)?
         .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
     let adopt_flows = pins == Pins::Reuse && splicer.is_some();
-    // Dups of the listening sockets, for the next upgrade.
-    let mut shared: Vec<(SocketAddr, OwnedFd)> = Vec::new();
-    let mut admin_tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut sockets = Sockets {
+        upgrade: upgrade.as_ref(),
+        shared: Vec::new(),
+        admin_tasks: Vec::new(),
+    };
 
     let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
         readiness: readiness.clone(),
@@ -173,12 +175,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             routes.replace(table);
             let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
-            let admin_listener = match upgrade.as_ref().and_then(|u| u.take_socket(admin_addr)) {
-                Some(fd) => tcp_listener(fd)?,
-                None => admin::bind(admin_addr).await?,
-            };
-            share(&mut shared, admin_addr, &admin_listener);
-            admin_tasks.push(tokio::spawn(admin::serve(
+            let admin_listener = sockets.bind_admin(admin_addr).await?;
+            sockets.admin_tasks.push(tokio::spawn(admin::serve(
                 admin_listener,
                 admin_state(Some(&zi)),
             )));
@@ -193,9 +191,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         Some(cp) => {
             let zi = opts.config.as_deref().map(ZoneIngress::load).transpose()?;
-            match start_control_plane(cp, zi, &routes, &stats, &readiness, &mut shutdown, |zi| {
-                admin_state(zi)
-            })
+            match start_control_plane(
+                cp,
+                zi,
+                &routes,
+                &stats,
+                &readiness,
+                &mut shutdown,
+                &mut sockets,
+                admin_state,
+            )
             .await?
             {
                 Some(s) => s,
@@ -210,13 +215,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .map(|zi| zi.name.clone())
         .or_else(|| opts.cp.as_ref().map(|cp| cp.name.clone()))
         .unwrap_or_default();
-    let listener = match upgrade.as_ref().and_then(|u| u.take_socket(listen)) {
+    let listener = match sockets.upgrade.and_then(|u| u.take_socket(listen)) {
         Some(fd) => tcp_listener(fd)?,
         None => listener::bind(listen).with_context(|| {
             format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
         })?,
     };
-    share(&mut shared, listen, &listener);
+    sockets.share(listen, &listener);
     let _ = listen_cell.set(listen);
     // Kuma's K8s probe hits podIP:<admin port>/ready. A loopback address is already covered by
     // the admin API; a wildcard one would also expose it (and clash with the 127.0.0.1 bind).
@@ -225,15 +230,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracing::info!(address = %addr.ip(), "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
         }
         Some(addr) if !addr.ip().is_loopback() => {
-            let ready_listener = match upgrade.as_ref().and_then(|u| u.take_socket(addr)) {
-                Some(fd) => tcp_listener(fd)?,
-                None => admin::bind(addr).await?,
-            };
-            share(&mut shared, addr, &ready_listener);
-            admin_tasks.push(tokio::spawn(admin::serve_ready_only(
-                ready_listener,
-                readiness.clone(),
-            )));
+            let ready_listener = sockets.bind_admin(addr).await?;
+            sockets
+                .admin_tasks
+                .push(tokio::spawn(admin::serve_ready_only(
+                    ready_listener,
+                    readiness.clone(),
+                )));
         }
         _ => {}
     }
@@ -294,6 +297,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         routes = routes.load().len(),
         "zone-ingress listening"
     );
+    let Sockets {
+        shared,
+        admin_tasks,
+        ..
+    } = sockets;
     if let Some(upgrade) = upgrade {
         let adopter = splicer
             .clone()
@@ -323,6 +331,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 splicer: splicer.clone(),
                 events: events_tx,
                 flows: flows.clone(),
+                handed_over: bound.handed_over(),
             };
             tokio::spawn(sender.serve(unix));
             Some(bound)
@@ -427,12 +436,33 @@ fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener> {
     Ok(tokio::net::TcpListener::from_std(std)?)
 }
 
-/// Keeps a dup of a listening socket to hand to the next agent.
-fn share(shared: &mut Vec<(SocketAddr, OwnedFd)>, addr: SocketAddr, l: &tokio::net::TcpListener) {
-    match l.as_fd().try_clone_to_owned() {
-        Ok(fd) => shared.push((addr, fd)),
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "cannot keep the socket for a hot restart");
+/// The agent's listening sockets: taken from the agent being upgraded when it had them, and kept
+/// (dups) for the next upgrade.
+struct Sockets<'a> {
+    upgrade: Option<&'a Upgrade>,
+    shared: Vec<(SocketAddr, OwnedFd)>,
+    /// The admin servers, stopped once a next agent took over.
+    admin_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sockets<'_> {
+    /// An admin/readiness listener: the old agent's socket for `addr`, or a new one.
+    async fn bind_admin(&mut self, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+        let l = match self.upgrade.and_then(|u| u.take_socket(addr)) {
+            Some(fd) => tcp_listener(fd)?,
+            None => admin::bind(addr).await?,
+        };
+        self.share(addr, &l);
+        Ok(l)
+    }
+
+    /// Keeps a dup of a listening socket to hand to the next agent.
+    fn share(&mut self, addr: SocketAddr, l: &tokio::net::TcpListener) {
+        match l.as_fd().try_clone_to_owned() {
+            Ok(fd) => self.shared.push((addr, fd)),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot keep the socket for a hot restart");
+            }
         }
     }
 }
@@ -497,6 +527,9 @@ impl Shutdown {
 
 /// The control-plane start: bootstrap, admin API (NOT_READY), ADS, and the wait for the first
 /// applied snapshot, which gives the listen address. `None`: a signal came first.
+// The start-up state it fills in is spread over the caller's locals; a struct bundling them
+// would exist for this call only.
+#[allow(clippy::too_many_arguments)]
 async fn start_control_plane(
     cp: &CpOptions,
     zi: Option<ZoneIngress>,
@@ -504,6 +537,7 @@ async fn start_control_plane(
     stats: &Arc<Stats>,
     readiness: &Arc<Readiness>,
     shutdown: &mut Shutdown,
+    sockets: &mut Sockets<'_>,
     admin_state: impl Fn(Option<&ZoneIngress>) -> admin::AdminState,
 ) -> Result<Option<Started>> {
     cp.token.warn_if_exposed();
@@ -534,13 +568,18 @@ async fn start_control_plane(
     };
     let admin_port = info.admin_port.unwrap_or(cp.admin_port);
     let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
-    let admin_listener = admin::bind(admin_addr).await?;
-    tokio::spawn(admin::serve(admin_listener, admin_state(zi.as_ref())));
+    let admin_listener = sockets.bind_admin(admin_addr).await?;
+    sockets.admin_tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state(zi.as_ref()),
+    )));
     // kuma-dp's readiness reporter; Kuma's admin listener routes /ready there.
     if cp.readiness_port != admin_port {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cp.readiness_port));
-        let l = admin::bind(addr).await?;
-        tokio::spawn(admin::serve_ready_only(l, readiness.clone()));
+        let l = sockets.bind_admin(addr).await?;
+        sockets
+            .admin_tasks
+            .push(tokio::spawn(admin::serve_ready_only(l, readiness.clone())));
     }
 
     let mut ads_connector =

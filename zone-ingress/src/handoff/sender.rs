@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
@@ -38,19 +39,33 @@ pub struct Sender {
     pub events: mpsc::UnboundedSender<Event>,
     /// Flows in this agent (what it keeps after the handoff, told to the new agent).
     pub flows: Arc<crate::listener::ActiveFlows>,
+    /// Set once a new agent took over (see [`Bound`]).
+    pub handed_over: Arc<AtomicBool>,
 }
 
-/// The handoff socket, removed at drop if it is still ours (a new agent rebinds the path).
+/// The handoff socket, removed at drop unless a new agent took over (it rebinds the path, and
+/// an inode number alone cannot tell: filesystems reuse them at once).
 pub struct Bound {
     path: PathBuf,
     ino: u64,
+    handed_over: Arc<AtomicBool>,
 }
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        if self.handed_over.load(Ordering::SeqCst) {
+            return;
+        }
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+impl Bound {
+    /// Set when a new agent took over: the path is its now.
+    pub fn handed_over(&self) -> Arc<AtomicBool> {
+        self.handed_over.clone()
     }
 }
 
@@ -68,6 +83,7 @@ pub fn bind(path: &Path) -> std::io::Result<(UnixListener, Bound)> {
         Bound {
             path: path.to_path_buf(),
             ino,
+            handed_over: Arc::new(AtomicBool::new(false)),
         },
     ))
 }
@@ -88,6 +104,7 @@ impl Sender {
             let mut listening = false;
             match self.handle(Conn::new(stream), &mut listening).await {
                 Ok(kept) => {
+                    self.handed_over.store(true, Ordering::SeqCst);
                     tracing::info!(
                         kept,
                         "hot restart done: the new agent took over; finishing the flows kept here"
