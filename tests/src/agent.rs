@@ -500,6 +500,14 @@ impl Drop for Agent<'_> {
         if self.owns_pins && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+        if self.owns_pins
+            && let Some(name) = self.pin_dir.file_name()
+        {
+            // The agent's default handoff socket; left behind when it was killed.
+            let mut sock = name.to_os_string();
+            sock.push(".sock");
+            let _ = std::fs::remove_file(Path::new("/run/zone-ingress").join(sock));
+        }
         if std::thread::panicking() {
             let log = self.stderr();
             let tail: String = if log.len() > 30_000 {

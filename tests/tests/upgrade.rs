@@ -266,3 +266,168 @@ async fn upgrades_keep_every_flow_and_refuse_no_connection() {
     })
     .await;
 }
+
+/// A running agent whose pinned maps do not match the new version's layout (here: `ZI_CTRL`
+/// replaced by a map with another value size, as a changed `FlowCtrl` would look): the new agent
+/// says so, takes only the sockets, and the old agent drains its flows (a drain-based restart).
+/// No connection attempt is refused, live flows end with a clean FIN after intact bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incompatible_maps_fall_back_to_a_drain() {
+    run_test(Duration::from_secs(90), async {
+        const LIVE: usize = 10;
+        let topo = Topology::new();
+        let _backend = Backend::start(
+            &topo.backend,
+            Topology::backend_addr(BACKEND_PORT),
+            Behaviour::Echo,
+        )
+        .await;
+        let mut opts = Options::new(Datapath::Sockmap);
+        opts.extra_args = vec!["--drain-time".into(), "2s".into()];
+        let mut old = Agent::start(
+            &topo.ingress,
+            &[Route::new(
+                SNI_BACKEND,
+                &[Topology::backend_addr(BACKEND_PORT)],
+            )],
+            opts,
+        )
+        .await;
+        let addr = old.addr();
+        let ctrl = old.pin_dir().join(map_names::CTRL);
+        std::fs::remove_file(&ctrl).expect("remove the ZI_CTRL pin");
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&ctrl)
+            .args(["type", "hash", "key", "8", "value", "24", "entries", "64", "name", "ZI_CTRL"])
+            .output()
+            .expect("run bpftool (cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "bpftool map create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let stop = Arc::new(AtomicBool::new(false));
+        // Set once the new agent took over: the live flows stop writing and wait for the old
+        // agent's drain to end them.
+        let quiet = Arc::new(AtomicBool::new(false));
+        let mut flows = JoinSet::new();
+        for i in 0..LIVE {
+            let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+                .await
+                .unwrap_or_else(|e| panic!("flow {i}: connect: {e}"));
+            let quiet = quiet.clone();
+            flows.spawn(async move {
+                let mut n = 0u64;
+                while !quiet.load(Ordering::Relaxed) {
+                    let msg: Vec<u8> = (0..4096u64).map(|k| (k ^ n ^ i as u64) as u8).collect();
+                    if let Err(e) = tls::echo_roundtrip(&mut s, &msg).await {
+                        return Err(format!("flow {i}, message {n}: {e}"));
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // The drain ends the flow with a FIN (the TLS layer sees EOF without
+                // close_notify), never a reset.
+                let mut rest = Vec::new();
+                match s.get_mut().0.read_to_end(&mut rest).await {
+                    Ok(_) if rest.is_empty() => Ok(n),
+                    Ok(_) => Err(format!("flow {i}: {} unexpected bytes before EOF", rest.len())),
+                    Err(e) => Err(format!("flow {i}: waiting for the drain's FIN: {e}")),
+                }
+            });
+        }
+        let attempts = Arc::new(AtomicU64::new(0));
+        let client = {
+            let (stop, attempts) = (stop.clone(), attempts.clone());
+            let ns = &topo.client;
+            async move {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) && attempts.load(Ordering::Relaxed) < 100_000 {
+                    let k = attempts.fetch_add(1, Ordering::Relaxed);
+                    let r = async {
+                        let mut s = tls::connect(ns, addr, SNI_BACKEND).await?;
+                        tls::echo_roundtrip(&mut s, format!("attempt {k}").as_bytes()).await
+                    };
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), r)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    {
+                        failures.push(format!("attempt {k}: {e}"));
+                    }
+                }
+                failures
+            }
+        };
+        let upgrade = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut new = old.upgrade();
+            let start = Instant::now();
+            while !new.stderr().contains("hot restart: took over") {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the new agent did not take over:\n{}",
+                    new.stderr()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            quiet.store(true, Ordering::Relaxed);
+            let status = old.wait_exit(Duration::from_secs(15)).await;
+            assert!(status.success(), "the old agent exited with {status}");
+            new.wait_ready(Duration::from_secs(10)).await;
+            stop.store(true, Ordering::Relaxed);
+            new
+        };
+        let (failures, new) = tokio::join!(client, upgrade);
+        let mut messages = 0;
+        while let Some(r) = flows.join_next().await {
+            match r.expect("flow task") {
+                Ok(n) => messages += n,
+                Err(e) => panic!("a live flow broke in the drain-based restart: {e}"),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} connection attempts failed: {:?}",
+            failures.len(),
+            attempts.load(Ordering::Relaxed),
+            &failures[..failures.len().min(10)]
+        );
+        let log = new.stderr();
+        assert!(
+            log.contains("BPF maps differ from this version's") && log.contains(map_names::CTRL),
+            "the new agent did not say the maps differ:\n{log}"
+        );
+        assert!(
+            adopted(&log).is_none(),
+            "the new agent adopted flows from incompatible maps:\n{log}"
+        );
+        let old_log = old.stderr();
+        assert!(
+            old_log.contains("hot restart done"),
+            "the old agent did not hand over its sockets:\n{old_log}"
+        );
+        // The new agent splices on its fresh maps.
+        let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+            .await
+            .expect("connect after the restart");
+        tls::echo_roundtrip(&mut s, b"after").await.expect("echo after the restart");
+        drop(s);
+        let m = new
+            .metrics_until(Duration::from_secs(5), |m| {
+                m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0
+            })
+            .await;
+        assert!(
+            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 1.0,
+            "the new agent spliced nothing:\n{}",
+            m.dump("zone_ingress")
+        );
+        eprintln!(
+            "drain-based restart: {LIVE} flows echoed {messages} messages and ended with a FIN; {} connection attempts, none refused",
+            attempts.load(Ordering::Relaxed)
+        );
+    })
+    .await;
+}

@@ -148,6 +148,7 @@ impl Sender {
             &[],
         )
         .await?;
+        let mut took_flows = false;
         loop {
             let msg = conn.recv().await?.0;
             match msg {
@@ -161,6 +162,7 @@ impl Sender {
                     let _ = self.events.send(Event::StopAccepting);
                 }
                 Msg::TakeFlows => {
+                    took_flows = true;
                     let handed = match &self.splicer {
                         Some(s) => hand_flows(&conn, s).await?,
                         None => 0,
@@ -168,7 +170,9 @@ impl Sender {
                     conn.send(&Msg::FlowsDone { handed }, &[]).await?;
                 }
                 Msg::Exit => {
-                    if let Some(s) = &self.splicer {
+                    // Only a new agent that took the flows shares the maps and the event ring;
+                    // after a drain-based restart this agent's maps are its own again.
+                    if let Some(s) = self.splicer.as_ref().filter(|_| took_flows) {
                         s.retire();
                     }
                     conn.send(
