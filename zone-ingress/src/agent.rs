@@ -321,7 +321,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
     // Bound after a takeover completed, so the next `--upgrade` finds this agent.
-    let _handoff = match handoff::sender::bind(&opts.handoff_socket) {
+    let mut handoff_server = match handoff::sender::bind(&opts.handoff_socket) {
         Ok((unix, bound)) => {
             let sender = handoff::sender::Sender {
                 sockets: shared
@@ -333,8 +333,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 flows: flows.clone(),
                 handed_over: bound.handed_over(),
             };
-            tokio::spawn(sender.serve(unix));
-            Some(bound)
+            Some((bound, tokio::spawn(sender.serve(unix))))
         }
         Err(e) => {
             tracing::warn!(path = %opts.handoff_socket.display(), error = %e, "cannot offer a hot restart (handoff socket); `run --upgrade` will not find this agent");
@@ -373,6 +372,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for task in &admin_tasks {
         task.abort();
     }
+    // The dups kept for a next agent would keep the listening sockets open (accepting into the
+    // backlog) after the accept loop stops: a stopping agent must refuse new connections.
+    drop(shared);
+    // Kept until the process ends: its drop removes the handoff socket unless a new agent owns it.
+    let _bound = match handoff_server.take() {
+        Some((bound, task)) => {
+            task.abort();
+            let _ = task.await;
+            Some(bound)
+        }
+        None => None,
+    };
     readiness.set_terminating();
     let _ = stop_tx.send(true);
     if let Some(s) = server.take() {
