@@ -192,6 +192,10 @@ pub struct Agent<'ns> {
     dir: tempfile::TempDir,
     pin_dir: PathBuf,
     routes_path: PathBuf,
+    datapath: Datapath,
+    args: Vec<std::ffi::OsString>,
+    /// False once a newer agent (hot restart) uses the pin dir: then Drop leaves it.
+    owns_pins: bool,
 }
 
 impl<'ns> Agent<'ns> {
@@ -232,7 +236,32 @@ impl<'ns> Agent<'ns> {
             opts.datapath,
             (&opts.wrapper, &opts.env),
             &args,
+            None,
         )
+    }
+
+    /// Starts `zone-ingress run --upgrade` with this agent's flags, config files and pin dir (a
+    /// hot restart) and returns it without waiting. From then on the new agent owns the pin dir.
+    pub fn upgrade(&mut self) -> Agent<'ns> {
+        let dir = tempfile::Builder::new()
+            .prefix("zi-agent-")
+            .tempdir()
+            .expect("create the agent's temp dir");
+        let mut args = self.args.clone();
+        args.push("--upgrade".into());
+        self.owns_pins = false;
+        let mut agent = Agent::spawn(
+            self.ns,
+            dir,
+            self.routes_path.clone(),
+            self.datapath,
+            (&[], &[]),
+            &args,
+            Some(self.pin_dir.clone()),
+        );
+        // The flags still name the first agent's config files: the oldest Agent keeps them.
+        agent.args = self.args.clone();
+        agent
     }
 
     /// Starts `zone-ingress run --datapath D --pin-dir P <args>` in `ns` without writing any
@@ -257,7 +286,7 @@ impl<'ns> Agent<'ns> {
             .tempdir()
             .expect("create the agent's temp dir");
         let routes_path = dir.path().join("routes.yaml");
-        Agent::spawn(ns, dir, routes_path, datapath, (&[], env), args)
+        Agent::spawn(ns, dir, routes_path, datapath, (&[], env), args, None)
     }
 
     fn spawn(
@@ -267,9 +296,12 @@ impl<'ns> Agent<'ns> {
         datapath: Datapath,
         (wrapper, env): (&[String], &[(String, String)]),
         args: &[std::ffi::OsString],
+        pin_dir: Option<PathBuf>,
     ) -> Agent<'ns> {
         let bin = binary();
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()));
+        let pin_dir = pin_dir.unwrap_or_else(|| {
+            PathBuf::from(format!("/sys/fs/bpf/zi-test-{}", crate::unique_suffix()))
+        });
         if datapath != Datapath::Userspace {
             ensure_bpffs();
             sweep_stale_pin_dirs();
@@ -311,6 +343,9 @@ impl<'ns> Agent<'ns> {
             dir,
             pin_dir,
             routes_path,
+            datapath,
+            args: args.to_vec(),
+            owns_pins: true,
         }
     }
 
@@ -514,8 +549,16 @@ impl Drop for Agent<'_> {
                 let _ = self.child.wait();
             }
         }
-        if self.pin_dir.exists() {
+        if self.owns_pins && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        if self.owns_pins
+            && let Some(name) = self.pin_dir.file_name()
+        {
+            // The agent's default handoff socket; left behind when it was killed.
+            let mut sock = name.to_os_string();
+            sock.push(".sock");
+            let _ = std::fs::remove_file(Path::new("/run/zone-ingress").join(sock));
         }
         if std::thread::panicking() {
             let log = self.stderr();

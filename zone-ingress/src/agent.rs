@@ -2,6 +2,7 @@
 //! and the shutdown sequence.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -12,12 +13,16 @@ use tokio::sync::watch;
 
 use crate::accesslog::{self, AccessLog};
 use crate::admin::{self, Readiness};
-use crate::bpf::BpfPrograms;
+use crate::bpf::{BpfPrograms, Pins};
 use crate::config::{DEFAULT_ROUTES_YAML, DEFAULT_ZONE_INGRESS_YAML, RoutesFile, ZoneIngress};
 use crate::cp::tls::Connector;
 use crate::cp::{AdsClient, CpOptions};
 use crate::datapath::DatapathMode;
 use crate::datapath::sockmap::Splicer;
+use crate::handoff::{
+    self,
+    receiver::{Adopter, Upgrade},
+};
 use crate::listener::{self, ActiveFlows, Ingress};
 use crate::reload;
 use crate::routes::{RouteStore, RouteTable};
@@ -49,6 +54,11 @@ pub struct RunOptions {
     pub guard: crate::guard::GuardArgs,
     /// `--keep-capabilities`: do not drop the BPF-related capabilities after loading.
     pub keep_capabilities: bool,
+    /// `--upgrade`: take the sockets and spliced flows of the agent running on the same handoff
+    /// socket, then make it exit (hot restart).
+    pub upgrade: bool,
+    /// `--handoff-socket`: where this agent offers, and `--upgrade` looks for, the handoff.
+    pub handoff_socket: PathBuf,
 }
 
 /// After the drain time, how long flows told to finish get to deliver what they hold.
@@ -114,8 +124,34 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let routes = Arc::new(RouteStore::new(RouteTable::new("none yet", [])));
     let listen_cell = Arc::new(OnceLock::new());
 
-    let splicer = load_datapath(&opts)?
+    // A hot restart takes the running agent's listening sockets first: they stay shared (both
+    // accept) until this agent is ready, so no connection attempt is refused meanwhile.
+    let upgrade =
+        if opts.upgrade {
+            Some(Upgrade::connect(&opts.handoff_socket).await.context(
+                "--upgrade: the handoff with the running agent failed; it keeps serving",
+            )?)
+        } else {
+            None
+        };
+    let pins = match &upgrade {
+        Some(u) if u.old_spliced => match crate::bpf::check_reusable(&opts.pin_dir) {
+            Ok(()) => Pins::Reuse,
+            Err(e) => {
+                tracing::warn!(error = %e, "the running agent's BPF maps differ from this version's: not taking its flows over; it drains them (drain-based restart)");
+                Pins::Replace
+            }
+        },
+        _ => Pins::Replace,
+    };
+    let splicer = load_datapath(&opts, pins)?
         .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
+    let adopt_flows = pins == Pins::Reuse && splicer.is_some();
+    let mut sockets = Sockets {
+        upgrade: upgrade.as_ref(),
+        shared: Vec::new(),
+        admin_tasks: Vec::new(),
+    };
 
     let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
         readiness: readiness.clone(),
@@ -142,8 +178,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             stats.set_cluster_membership(&table);
             routes.replace(table);
             let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, zi.networking.admin.port));
-            let admin_listener = admin::bind(admin_addr).await?;
-            tokio::spawn(admin::serve(admin_listener, admin_state(Some(&zi))));
+            let admin_listener = sockets.bind_admin(admin_addr).await?;
+            sockets.admin_tasks.push(tokio::spawn(admin::serve(
+                admin_listener,
+                admin_state(Some(&zi)),
+            )));
             Started {
                 listen: zi.listen_addr(),
                 ready_addr: Some(SocketAddr::new(
@@ -155,9 +194,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         Some(cp) => {
             let zi = opts.config.as_deref().map(ZoneIngress::load).transpose()?;
-            match start_control_plane(cp, zi, &routes, &stats, &readiness, &mut shutdown, |zi| {
-                admin_state(zi)
-            })
+            match start_control_plane(
+                cp,
+                zi,
+                &routes,
+                &stats,
+                &readiness,
+                &mut shutdown,
+                &mut sockets,
+                admin_state,
+            )
             .await?
             {
                 Some(s) => s,
@@ -172,9 +218,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .map(|zi| zi.name.clone())
         .or_else(|| opts.cp.as_ref().map(|cp| cp.name.clone()))
         .unwrap_or_default();
-    let listener = listener::bind(listen).with_context(|| {
-        format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
-    })?;
+    let listener = match sockets.upgrade.and_then(|u| u.take_socket(listen)) {
+        Some(fd) => tcp_listener(fd)?,
+        None => listener::bind(listen).with_context(|| {
+            format!("cannot listen on {listen} (networking.address/port of ZoneIngress {name}): is the address local and the port free?")
+        })?,
+    };
+    sockets.share(listen, &listener);
     let _ = listen_cell.set(listen);
     // Kuma's K8s probe hits podIP:<admin port>/ready. A loopback address is already covered by
     // the admin API; a wildcard one would also expose it (and clash with the 127.0.0.1 bind).
@@ -183,8 +233,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracing::info!(address = %addr.ip(), "networking.address is a wildcard: /ready is served on 127.0.0.1 only");
         }
         Some(addr) if !addr.ip().is_loopback() => {
-            let ready_listener = admin::bind(addr).await?;
-            tokio::spawn(admin::serve_ready_only(ready_listener, readiness.clone()));
+            let ready_listener = sockets.bind_admin(addr).await?;
+            sockets
+                .admin_tasks
+                .push(tokio::spawn(admin::serve_ready_only(
+                    ready_listener,
+                    readiness.clone(),
+                )));
         }
         _ => {}
     }
@@ -222,7 +277,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
         connect_timeout: opts.connect_timeout,
         flows: flows.clone(),
-        splicer,
+        splicer: splicer.clone(),
         access_log,
         drain: drain_rx,
     });
@@ -244,8 +299,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         s.sync_routes(&routes.load());
     }
     drop(probe);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(listener::serve(listener, ingress, stop_rx));
+    let (mut stop_tx, stop_rx) = watch::channel(false);
+    let mut server = Some(tokio::spawn(listener::serve(
+        listener,
+        ingress.clone(),
+        stop_rx,
+    )));
     readiness.set_ready();
     tracing::info!(
         %name,
@@ -253,11 +312,98 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         routes = routes.load().len(),
         "zone-ingress listening"
     );
+    let Sockets {
+        shared,
+        admin_tasks,
+        ..
+    } = sockets;
+    if let Some(upgrade) = upgrade {
+        let adopter = splicer
+            .clone()
+            .filter(|_| adopt_flows)
+            .map(|splicer| Adopter {
+                splicer,
+                stats: stats.clone(),
+                flows: flows.clone(),
+                drain: drain_tx.subscribe(),
+            });
+        match take_over(upgrade, adopter.as_ref()).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "hot restart incomplete: the running agent resumes accepting and keeps its flows; this agent serves too, without a handoff socket")
+            }
+        }
+    }
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bound after a takeover completed, so the next `--upgrade` finds this agent.
+    let mut handoff_server = match handoff::sender::bind(&opts.handoff_socket) {
+        Ok((unix, bound)) => {
+            let sender = handoff::sender::Sender {
+                sockets: shared
+                    .iter()
+                    .filter_map(|(a, f)| Some((*a, f.try_clone().ok()?)))
+                    .collect(),
+                splicer: splicer.clone(),
+                events: events_tx,
+                flows: flows.clone(),
+                handed_over: bound.handed_over(),
+            };
+            Some((bound, tokio::spawn(sender.serve(unix))))
+        }
+        Err(e) => {
+            tracing::warn!(path = %opts.handoff_socket.display(), error = %e, "cannot offer a hot restart (handoff socket); `run --upgrade` will not find this agent");
+            None
+        }
+    };
 
-    let signal_name = shutdown.recv().await;
+    let signal_name = loop {
+        tokio::select! {
+            sig = shutdown.recv() => break sig,
+            Some(event) = events_rx.recv() => match event {
+                handoff::sender::Event::StopAccepting => {
+                    let _ = stop_tx.send(true);
+                    if let Some(s) = server.take() {
+                        let _ = s.await;
+                    }
+                    tracing::info!("the new agent accepts now; stopped accepting");
+                }
+                handoff::sender::Event::ResumeAccepting => {
+                    let Some(fd) = shared
+                        .iter()
+                        .find(|(a, _)| *a == listen)
+                        .and_then(|(_, f)| f.try_clone().ok())
+                    else {
+                        continue;
+                    };
+                    let (tx, rx) = watch::channel(false);
+                    stop_tx = tx;
+                    server = Some(tokio::spawn(listener::serve(tcp_listener(fd)?, ingress.clone(), rx)));
+                    tracing::info!("accepting again after the failed handoff");
+                }
+                handoff::sender::Event::Exit => break "hot restart",
+            }
+        }
+    };
+    for task in &admin_tasks {
+        task.abort();
+    }
+    // The dups kept for a next agent would keep the listening sockets open (accepting into the
+    // backlog) after the accept loop stops: a stopping agent must refuse new connections.
+    drop(shared);
+    // Kept until the process ends: its drop removes the handoff socket unless a new agent owns it.
+    let _bound = match handoff_server.take() {
+        Some((bound, task)) => {
+            task.abort();
+            let _ = task.await;
+            Some(bound)
+        }
+        None => None,
+    };
     readiness.set_terminating();
     let _ = stop_tx.send(true);
-    let _ = server.await;
+    if let Some(s) = server.take() {
+        let _ = s.await;
+    }
     let active = flows.count();
     tracing::info!(signal = signal_name, active_flows = active, drain_time = ?opts.drain_time, "stopped accepting; draining");
     if tokio::time::timeout(opts.drain_time, flows.wait_idle())
@@ -360,15 +506,72 @@ fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
     }
 }
 
+/// The new agent's part of a hot restart once it accepts: the old agent stops accepting, hands
+/// over its spliced flows (when the maps were reused) and exits after the flows it kept.
+async fn take_over(upgrade: Upgrade, adopter: Option<&Adopter>) -> Result<()> {
+    let old_pid = upgrade.old_pid;
+    upgrade.listening().await?;
+    let adopted = match adopter {
+        Some(a) => upgrade.take_flows(a).await?,
+        None => 0,
+    };
+    let kept = upgrade.finish().await?;
+    tracing::info!(
+        old_pid,
+        adopted,
+        kept_by_old = kept,
+        "hot restart: took over; the old agent exits once the flows it kept end"
+    );
+    Ok(())
+}
+
+/// A listening socket received from the old agent.
+fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener> {
+    let std = std::net::TcpListener::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
+}
+
+/// The agent's listening sockets: taken from the agent being upgraded when it had them, and kept
+/// (dups) for the next upgrade.
+struct Sockets<'a> {
+    upgrade: Option<&'a Upgrade>,
+    shared: Vec<(SocketAddr, OwnedFd)>,
+    /// The admin servers, stopped once a next agent took over.
+    admin_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sockets<'_> {
+    /// An admin/readiness listener: the old agent's socket for `addr`, or a new one.
+    async fn bind_admin(&mut self, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+        let l = match self.upgrade.and_then(|u| u.take_socket(addr)) {
+            Some(fd) => tcp_listener(fd)?,
+            None => admin::bind(addr).await?,
+        };
+        self.share(addr, &l);
+        Ok(l)
+    }
+
+    /// Keeps a dup of a listening socket to hand to the next agent.
+    fn share(&mut self, addr: SocketAddr, l: &tokio::net::TcpListener) {
+        match l.as_fd().try_clone_to_owned() {
+            Ok(fd) => self.shared.push((addr, fd)),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot keep the socket for a hot restart");
+            }
+        }
+    }
+}
+
 /// Loads the BPF programs when the datapath wants them. `auto` falls back (said once); `sockmap`
 /// makes a failure fatal.
-fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
+fn load_datapath(opts: &RunOptions, pins: Pins) -> Result<Option<BpfPrograms>> {
     match opts.datapath {
         DatapathMode::Userspace => {
             tracing::info!("datapath: userspace copy (--datapath userspace)");
             Ok(None)
         }
-        DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir) {
+        DatapathMode::Auto => match BpfPrograms::load(&opts.pin_dir, pins) {
             Ok(p) => {
                 tracing::info!(
                     budget = opts.splice_budget,
@@ -384,7 +587,7 @@ fn load_datapath(opts: &RunOptions) -> Result<Option<BpfPrograms>> {
             }
         },
         DatapathMode::Sockmap => {
-            let p = BpfPrograms::load(&opts.pin_dir)
+            let p = BpfPrograms::load(&opts.pin_dir, pins)
                 .context("--datapath sockmap needs the BPF programs")?;
             tracing::info!(
                 budget = opts.splice_budget,
@@ -420,6 +623,9 @@ impl Shutdown {
 
 /// The control-plane start: bootstrap, admin API (NOT_READY), ADS, and the wait for the first
 /// applied snapshot, which gives the listen address. `None`: a signal came first.
+// The start-up state it fills in is spread over the caller's locals; a struct bundling them
+// would exist for this call only.
+#[allow(clippy::too_many_arguments)]
 async fn start_control_plane(
     cp: &CpOptions,
     zi: Option<ZoneIngress>,
@@ -427,6 +633,7 @@ async fn start_control_plane(
     stats: &Arc<Stats>,
     readiness: &Arc<Readiness>,
     shutdown: &mut Shutdown,
+    sockets: &mut Sockets<'_>,
     admin_state: impl Fn(Option<&ZoneIngress>) -> admin::AdminState,
 ) -> Result<Option<Started>> {
     cp.token.warn_if_exposed();
@@ -458,13 +665,18 @@ async fn start_control_plane(
     };
     let admin_port = info.admin_port.unwrap_or(cp.admin_port);
     let admin_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
-    let admin_listener = admin::bind(admin_addr).await?;
-    tokio::spawn(admin::serve(admin_listener, admin_state(zi.as_ref())));
+    let admin_listener = sockets.bind_admin(admin_addr).await?;
+    sockets.admin_tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state(zi.as_ref()),
+    )));
     // kuma-dp's readiness reporter; Kuma's admin listener routes /ready there.
     if cp.readiness_port != admin_port {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cp.readiness_port));
-        let l = admin::bind(addr).await?;
-        tokio::spawn(admin::serve_ready_only(l, readiness.clone()));
+        let l = sockets.bind_admin(addr).await?;
+        sockets
+            .admin_tasks
+            .push(tokio::spawn(admin::serve_ready_only(l, readiness.clone())));
     }
 
     let mut ads_connector =

@@ -97,6 +97,82 @@ pub struct BpfPrograms {
     pub route_bytes: PerCpuArray<MapData, RouteBytes>,
     /// Downstream cookie -> what the ops tooling shows about a flow (agent-written).
     pub flow_info: HashMap<MapData, u64, FlowInfo>,
+    /// The maps were taken over from a running agent's pins (a hot restart), not created.
+    pub reused: bool,
+}
+
+/// Whether [`BpfPrograms::load`] creates fresh maps or takes the pinned ones over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pins {
+    /// Replace pins left by a previous run (a normal start).
+    Replace,
+    /// Reuse the pinned maps of the agent being upgraded (flows in them live on).
+    Reuse,
+}
+
+/// Every map a hot restart takes over: the pinned ones plus the limit-event ring, which the
+/// verdict attached to already spliced sockets keeps writing to.
+pub const REUSED_MAPS: [&str; 8] = [
+    map_names::SOCKS,
+    map_names::FLOWS,
+    map_names::CTRL,
+    map_names::COUNTERS,
+    map_names::ROUTES,
+    map_names::ROUTE_BYTES,
+    map_names::FLOW_INFO,
+    map_names::EVENTS,
+];
+
+/// Why the pinned maps cannot be reused by this binary.
+#[derive(Debug, thiserror::Error)]
+pub enum Incompatible {
+    #[error("{name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("the embedded BPF object: {0}")]
+    Object(String),
+}
+
+/// Checks that every map a hot restart would reuse is pinned under `pin_dir` with the type, key
+/// and value sizes, entry count and flags this binary's BPF object declares. A map whose layout
+/// changed between versions fails here, before anything is loaded.
+pub fn check_reusable(pin_dir: &Path) -> Result<(), Incompatible> {
+    let object = embedded_object(pin_dir).map_err(|e| Incompatible::Object(e.to_string()))?;
+    let parsed = aya_obj::Object::parse(object).map_err(|e| Incompatible::Object(e.to_string()))?;
+    for name in REUSED_MAPS {
+        let err = |detail: String| Incompatible::Map { name, detail };
+        let declared = parsed
+            .maps
+            .get(name)
+            .ok_or_else(|| err("not in this binary's BPF object".into()))?;
+        let path = pin_dir.join(name);
+        let pinned = aya::maps::MapData::from_pin(&path)
+            .map_err(|e| err(format!("cannot open the pin {}: {e}", path.display())))?;
+        let info = pinned
+            .info()
+            .map_err(|e| err(format!("cannot read the pinned map's info: {e}")))?;
+        let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let have = (
+            pinned_type,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let want = (
+            declared.map_type(),
+            declared.key_size(),
+            declared.value_size(),
+            declared.max_entries(),
+            declared.map_flags(),
+        );
+        if have != want {
+            return Err(err(format!(
+                "pinned (type, key size, value size, max entries, flags) = {have:?}, this \
+                 version declares {want:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every map the agent pins (the ring buffer is not pinned: only the agent can consume it).
@@ -121,8 +197,31 @@ impl std::fmt::Debug for BpfPrograms {
 impl BpfPrograms {
     /// Loads the programs, attaches the stream verdict to the SockHash and pins every map under
     /// `pin_dir` (replacing pins left by a previous run).
-    pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
+    ///
+    /// With [`Pins::Reuse`] (a hot restart, after [`check_reusable`]) the loader opens the pinned
+    /// maps instead of creating them: flows already spliced by the previous agent keep their
+    /// entries, and this agent's programs replace the previous ones on the SockHash for new
+    /// sockets (sockets already inserted keep the programs they were inserted with, which use the
+    /// same maps).
+    pub fn load(pin_dir: &Path, pins: Pins) -> Result<Self, BpfError> {
         let object = embedded_object(pin_dir)?;
+        if pins == Pins::Replace {
+            for name in REUSED_MAPS {
+                let path = pin_dir.join(name);
+                if path.exists() {
+                    tracing::debug!(path = %path.display(), "replacing a pin left by a previous run");
+                    std::fs::remove_file(&path).map_err(|e| BpfError::Pin {
+                        path: path.clone(),
+                        detail: format!("removing the old pin: {e}"),
+                    })?;
+                }
+            }
+        }
+        // The loader opens a map pinned at its path, or creates and pins it there.
+        let paths: Vec<(&'static str, PathBuf)> = REUSED_MAPS
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         if let Some(n) = max_sockets()? {
             tracing::warn!(
@@ -135,17 +234,11 @@ impl BpfPrograms {
             }
             loader.map_max_entries(map_names::FLOW_INFO, (n / 2).max(1));
         }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(object)?;
         spawn_bpf_logger(&mut ebpf);
-
-        // Pin before taking the SockHash out of the object: the typed wrapper's pin consumes it.
-        for name in PINNED_MAPS {
-            let map = ebpf.map(name).ok_or(BpfError::Map {
-                name,
-                detail: "not in the object".into(),
-            })?;
-            pin(pin_dir, name, |p| map.pin(p))?;
-        }
 
         let socks: SockHash<MapData, u64> =
             take_map(&mut ebpf, map_names::SOCKS, SockHash::try_from)?;
@@ -176,8 +269,9 @@ impl BpfPrograms {
             prog.load().map_err(program)?;
             prog.attach(socks.fd()).map_err(program)?;
         }
-        tracing::info!(pin_dir = %pin_dir.display(), "BPF programs loaded, maps pinned");
+        tracing::info!(pin_dir = %pin_dir.display(), reused = pins == Pins::Reuse, "BPF programs loaded, maps pinned");
         Ok(Self {
+            reused: pins == Pins::Reuse,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             socks,
@@ -355,7 +449,7 @@ mod tests {
             }
         }
         let _cleanup = Cleanup(dir.clone());
-        let programs = BpfPrograms::load(&dir).unwrap_or_else(|e| {
+        let programs = BpfPrograms::load(&dir, Pins::Replace).unwrap_or_else(|e| {
             panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
         });
         for name in PINNED_MAPS {
@@ -369,6 +463,10 @@ mod tests {
         aya::maps::MapData::from_pin(dir.join(map_names::FLOWS)).expect("reopen pinned flow map");
         // Loading twice over the same pins replaces them (a restart after a crash).
         drop(programs);
-        BpfPrograms::load(&dir).expect("reload over existing pins");
+        let programs = BpfPrograms::load(&dir, Pins::Replace).expect("reload over existing pins");
+        // The pins just made are what this binary declares, so a hot restart may reuse them.
+        check_reusable(&dir).expect("own pins are reusable");
+        drop(programs);
+        BpfPrograms::load(&dir, Pins::Reuse).expect("load reusing the pins");
     }
 }

@@ -114,6 +114,14 @@ struct RunArgs {
     agent_config: Option<PathBuf>,
     #[command(flatten)]
     guard: crate::guard::GuardArgs,
+    /// Hot restart: take the listening sockets and the spliced flows of the agent running on the
+    /// same handoff socket (and pin dir), then make it exit. It keeps serving if this fails.
+    #[arg(long)]
+    upgrade: bool,
+    /// Unix socket for hot restarts: this agent serves it, `--upgrade` connects to it.
+    /// Default: /run/zone-ingress/<pin dir name>.sock.
+    #[arg(long, value_name = "PATH", env = "ZONE_INGRESS_HANDOFF_SOCKET")]
+    handoff_socket: Option<PathBuf>,
 }
 
 /// The Kuma control-plane session: the flags and environment of `kuma-dp run`.
@@ -422,6 +430,10 @@ fn run(args: RunArgs) -> ExitCode {
         client_hello_timeout: args.client_hello_timeout,
         connect_timeout: args.connect_timeout,
         drain_time: args.drain_time,
+        handoff_socket: args
+            .handoff_socket
+            .unwrap_or_else(|| crate::handoff::socket_path(&args.pin_dir)),
+        upgrade: args.upgrade,
         pin_dir: args.pin_dir,
         splice_budget: args.splice_budget,
         access_log: args

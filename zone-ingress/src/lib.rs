@@ -7,7 +7,8 @@
 //! [`stats`], [`accesslog`] and [`admin`] observe; [`reload`] (files) and [`cp`] (the Kuma
 //! control plane's ADS stream) swap route tables; [`maps`] reads the pinned BPF maps for
 //! operators (`zone-ingress maps dump`). [`guard`] (XDP) filters packets to the listener before
-//! the kernel's stack sees them. [`privs`] checks and drops Linux capabilities.
+//! the kernel's stack sees them. [`privs`] checks and drops Linux capabilities. [`handoff`] moves
+//! sockets and spliced flows to a new agent (hot restart).
 
 pub mod accesslog;
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod cp;
 pub mod datapath;
 pub mod guard;
+pub mod handoff;
 pub mod listener;
 pub mod maps;
 pub mod privs;

@@ -47,7 +47,7 @@ pub struct ActiveFlows {
 }
 
 impl ActiveFlows {
-    fn enter(self: &Arc<Self>) -> FlowGuard {
+    pub(crate) fn enter(self: &Arc<Self>) -> FlowGuard {
         self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         FlowGuard(self.clone())
     }
@@ -68,7 +68,7 @@ impl ActiveFlows {
     }
 }
 
-struct FlowGuard(Arc<ActiveFlows>);
+pub(crate) struct FlowGuard(Arc<ActiveFlows>);
 
 impl Drop for FlowGuard {
     fn drop(&mut self) {
@@ -203,6 +203,11 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
     };
     ingress.stats.upstream_connected(&route.cluster);
     let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed, &route).await;
+    if summary.end == FlowEnd::HandedOver {
+        // The next agent watches, counts and logs this flow from here on.
+        tracing::debug!(%peer, sni = %route.sni, "flow handed over to the next agent");
+        return;
+    }
     ingress.stats.copied(kind, summary.copied);
     // A spliced flow's bytes were counted while it ran (kernel route counters, read at scrape).
     let (rx, tx) = summary.uncounted();

@@ -30,6 +30,8 @@ pub enum FlowEnd {
     Closed,
     /// One side reset (or failed); the other side was reset too.
     Reset,
+    /// A spliced flow still running, handed to the next agent of a hot restart (`handoff/`).
+    HandedOver,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -44,6 +44,8 @@ struct Inner {
     reused_bytes: ClusterBytes,
     /// The table the flags were last synced with (kept alive so a pointer comparison is exact).
     synced: Option<Arc<RouteTable>>,
+    /// Another agent owns the shared entries now (hot restart): write nothing more.
+    frozen: bool,
 }
 
 pub struct RouteMap {
@@ -82,6 +84,9 @@ fn new_info(key: &RouteKey) -> RouteInfo {
 
 impl Inner {
     fn write(&mut self, id: u32) {
+        if self.frozen {
+            return;
+        }
         let Some(slot) = self.slots.get(id as usize) else {
             return;
         };
@@ -170,8 +175,70 @@ impl RouteMap {
                 slots: Vec::new(),
                 reused_bytes: BTreeMap::new(),
                 synced: None,
+                frozen: false,
             }),
         }
+    }
+
+    /// Takes over the entries a previous agent left in the (reused, pinned) maps, so route ids and
+    /// their counters carry on across a hot restart. Names longer than the entry holds cannot be
+    /// matched again: such an id keeps its slot (and counters) but new flows get a fresh id.
+    pub fn adopt_existing(&self) -> usize {
+        let mut inner = lock(&self.inner);
+        let entries: Vec<(u32, RouteInfo)> = inner
+            .info_map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, _)| *id < MAX_ROUTES)
+            .collect();
+        let Some(max) = entries.iter().map(|(id, _)| *id).max() else {
+            return 0;
+        };
+        let name = |b: &[u8], len: u16| -> Arc<str> {
+            let n = usize::from(len).min(b.len());
+            String::from_utf8_lossy(&b[..n]).into()
+        };
+        inner.slots = (0..=max)
+            .map(|id| Slot {
+                key: (format!("\u{0}unused-{id}").into(), "".into()),
+                info: RouteInfo::default(),
+                live: 0,
+            })
+            .collect();
+        for (id, info) in &entries {
+            let key = (
+                name(&info.sni, info.sni_len),
+                name(&info.cluster, info.cluster_len),
+            );
+            let whole = usize::from(info.sni_len) <= ROUTE_NAME_MAX
+                && usize::from(info.cluster_len) <= ROUTE_NAME_MAX;
+            if whole {
+                inner.ids.insert(key.clone(), *id);
+            }
+            inner.slots[*id as usize] = Slot {
+                key,
+                info: *info,
+                live: 0,
+            };
+        }
+        entries.len()
+    }
+
+    /// A flow adopted from a previous agent holds `id` (its kernel counters keep adding there).
+    pub fn hold_adopted(&self, id: u32) -> u32 {
+        let mut inner = lock(&self.inner);
+        match inner.slots.get_mut(id as usize) {
+            Some(slot) => {
+                slot.live += 1;
+                id
+            }
+            None => NO_ROUTE,
+        }
+    }
+
+    /// Stops writing the shared entries: the next agent of a hot restart owns them.
+    pub fn freeze(&self) {
+        lock(&self.inner).frozen = true;
     }
 
     /// Brings the entries in line with `table`: its routes get ids and are marked active, routes
@@ -257,6 +324,10 @@ impl RouteMap {
         let inner = lock(&self.inner);
         let mut out = inner.reused_bytes.clone();
         for (id, slot) in inner.slots.iter().enumerate() {
+            if slot.key.1.is_empty() {
+                // A gap left by adopt_existing: no route, no bytes.
+                continue;
+            }
             let (up, down) = inner.kernel_bytes(id as u32);
             let e = out.entry(slot.key.1.to_string()).or_default();
             e.0 += up;
@@ -308,7 +379,7 @@ mod tests {
             std::process::id()
         ));
         let _cleanup = Cleanup(dir.clone());
-        let programs = BpfPrograms::load(&dir).unwrap_or_else(|e| {
+        let programs = BpfPrograms::load(&dir, crate::bpf::Pins::Replace).unwrap_or_else(|e| {
             panic!("BPF programs must load in the test environment (run `cargo xtask test` as root): {e}")
         });
         let m = RouteMap::new(programs.routes, programs.route_bytes);

@@ -123,8 +123,78 @@ pub struct Splicer {
     routes: RouteMap,
     /// The flow entries of the ops maps (spliced and userspace flows).
     records: Arc<FlowRecords>,
+    /// A hot restart taking this agent's spliced flows (see `handoff/`).
+    takeover: Mutex<Takeover>,
+    /// True while live flows should leave their watch loop and go to the takeover.
+    detach: watch::Sender<bool>,
+    /// Set once another agent took the flows: this one stops reading the shared event ring.
+    events_stopped: std::sync::atomic::AtomicBool,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
+}
+
+/// Flows inside [`Splicer::run`], and where detached ones go while a takeover collects them.
+#[derive(Default)]
+struct Takeover {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<DetachedFlow>>,
+    running: usize,
+}
+
+/// The watch state of one direction of a spliced flow, carried from one agent to the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectionState {
+    /// The direction already forwarded its FIN (nothing left to watch).
+    pub finished: bool,
+    /// Bytes the agent moved itself on this direction (replayed or passed bytes).
+    pub agent_written: u64,
+    /// Passed bytes the agent forwarded (for the flow's summary).
+    pub copied: u64,
+    /// Index into the clamp levels while the sender is held back.
+    pub clamp_level: Option<u8>,
+    /// The source's window clamp before the agent touched it.
+    pub original_clamp: Option<i32>,
+    /// Whether the source's receive buffer was fixed.
+    pub rcvbuf_locked: bool,
+    /// Start measuring at once (an adopted flow: its last limit event may have gone elsewhere).
+    #[serde(skip)]
+    pub hot: bool,
+}
+
+/// What a hot restart transfers about one spliced flow besides its two descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowState {
+    pub down_cookie: u64,
+    pub up_cookie: u64,
+    pub route_id: u32,
+    /// How long the flow has run, in milliseconds.
+    pub age_ms: u64,
+    /// Client -> endpoint.
+    pub up: DirectionState,
+    /// Endpoint -> client.
+    pub down: DirectionState,
+}
+
+/// A spliced flow taken out of this agent's watch, to be sent to the next agent. Its map entries
+/// (SockHash, `ZI_FLOWS`, `ZI_CTRL`, `ZI_FLOW_INFO`) stay: the flow lives on.
+pub struct DetachedFlow {
+    pub down: TcpStream,
+    pub up: TcpStream,
+    pub state: FlowState,
+}
+
+/// Why an adopted flow was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("socket cookie of the {side} socket is {actual}, the old agent said {expected}")]
+    CookieMismatch {
+        side: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("reading SO_COOKIE: {0}")]
+    Cookie(io::Error),
+    #[error("registering the socket with the runtime: {0}")]
+    Register(io::Error),
 }
 
 impl std::fmt::Debug for Splicer {
@@ -148,6 +218,25 @@ pub struct SplicedFlow {
     started: Instant,
     /// The flow's route id (counted in `ZI_ROUTE_BYTES`), or `NO_ROUTE`.
     route_id: u32,
+    /// The watch state of each direction (up, down): fresh, or carried over from another agent.
+    resume: [DirectionState; 2],
+}
+
+/// Counts a flow inside [`Splicer::run`] for the takeover.
+struct RunGuard<'a>(&'a Splicer);
+
+impl<'a> RunGuard<'a> {
+    fn enter(splicer: &'a Splicer) -> Self {
+        lock(&splicer.takeover).running += 1;
+        Self(splicer)
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut t = lock(&self.0.takeover);
+        t.running = t.running.saturating_sub(1);
+    }
 }
 
 /// A flow the userspace copy carries while the BPF maps exist: recorded in the flow map with
@@ -176,6 +265,7 @@ impl Splicer {
     ) -> Arc<Self> {
         let BpfPrograms {
             ebpf,
+            reused,
             socks,
             flows,
             ctrl,
@@ -194,8 +284,18 @@ impl Splicer {
             stats: stats.clone(),
             routes: RouteMap::new(routes, route_bytes),
             records: FlowRecords::new(flow_info),
+            takeover: Mutex::new(Takeover::default()),
+            detach: watch::channel(false).0,
+            events_stopped: std::sync::atomic::AtomicBool::new(false),
             _ebpf: ebpf,
         });
+        if reused {
+            let n = splicer.routes.adopt_existing();
+            tracing::info!(
+                routes = n,
+                "route ids and counters carried over from the previous agent"
+            );
+        }
         splicer.routes.sync(&route_store.load());
         let weak = Arc::downgrade(&splicer);
         stats.set_kernel_route_bytes(Box::new(move || {
@@ -267,6 +367,13 @@ impl Splicer {
         crate::bpf::spawn_ring_reader(
             ring,
             move |ring: &mut RingBuf<MapData>| {
+                // Another agent took the flows and reads this (shared, pinned) ring now.
+                if splicer
+                    .events_stopped
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return;
+                }
                 while let Some(item) = ring.next() {
                     let Some(bytes) = item.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok())
                     else {
@@ -403,13 +510,25 @@ impl Splicer {
             initial_down,
             started: Instant::now(),
             route_id,
+            resume: [
+                DirectionState {
+                    agent_written: initial_up,
+                    ..DirectionState::default()
+                },
+                DirectionState {
+                    agent_written: initial_down,
+                    ..DirectionState::default()
+                },
+            ],
         })
     }
 
     /// Watches a spliced flow until both directions ended (FIN forwarded after the data) or one
     /// side broke (both reset), or `drain` turns true (the agent's drain time is over): then both
     /// sides get a FIN once everything already redirected has reached their TCP streams. Removes
-    /// the flow's map entries at the end.
+    /// the flow's map entries at the end. During a takeover (a hot restart) the flow leaves its
+    /// watch instead and goes to the next agent with its map entries intact: the summary then
+    /// says [`FlowEnd::HandedOver`].
     pub async fn run(&self, flow: SplicedFlow, mut drain: watch::Receiver<bool>) -> FlowSummary {
         let SplicedFlow {
             down,
@@ -420,34 +539,46 @@ impl Splicer {
             initial_down,
             started,
             route_id,
+            resume,
         } = flow;
-        // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
-        let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
-        let to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
-        let drained = async {
-            // A dropped sender means nobody will ask this flow to drain.
-            if drain.wait_for(|d| *d).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        // The first error ends the flow at once: the other direction may be idle forever (its
-        // peer waiting), and the reset is what tells it the stream broke.
-        let (end, copied_up, copied_down) = tokio::select! {
-            result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
-                Ok((u, d)) => (FlowEnd::Closed, u.copied, d.copied),
-                Err(e) => {
-                    tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
-                    reset(&down);
-                    reset(&up);
-                    (FlowEnd::Reset, 0, 0)
+        let _running = RunGuard::enter(self);
+        let detach = self.detach.subscribe();
+        let [mut up_state, mut down_state] = resume;
+        let (mut down, mut up) = (down, up);
+        let (end, copied_up, copied_down) = loop {
+            // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
+            let to_up = Direction::new(self, &down, &up, down_cookie, up_state, 1, detach.clone());
+            let to_down =
+                Direction::new(self, &up, &down, up_cookie, down_state, 0, detach.clone());
+            let drained = async {
+                // A dropped sender means nobody will ask this flow to drain.
+                if drain.wait_for(|d| *d).await.is_err() {
+                    std::future::pending::<()>().await;
                 }
-            },
-            () = drained => {
+            };
+            // The first error ends the flow at once: the other direction may be idle forever (its
+            // peer waiting), and the reset is what tells it the stream broke.
+            let outcome = tokio::select! {
+                result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
+                    Ok((Outcome::Ended(u), Outcome::Ended(d))) => {
+                        break (FlowEnd::Closed, u.copied, d.copied);
+                    }
+                    Ok((u, d)) => Some((u.state(), d.state())),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
+                        reset(&down);
+                        reset(&up);
+                        break (FlowEnd::Reset, 0, 0);
+                    }
+                },
+                () = drained => None,
+            };
+            let Some((u, d)) = outcome else {
                 // Armed flows never pass bytes to the agent, so the agent wrote only the replayed
                 // bytes; the redirect queues drain into the TCP streams, then both get a FIN.
                 let queues = [
-                    (down_cookie, &up, initial, 1),
-                    (up_cookie, &down, initial_down, 0),
+                    (down_cookie, &up, up_state.agent_written, 1),
+                    (up_cookie, &down, down_state.agent_written, 0),
                 ];
                 for (src_cookie, dst, agent_written, dst_syn) in queues {
                     let deadline = Instant::now() + Duration::from_secs(1);
@@ -463,7 +594,45 @@ impl Splicer {
                 for s in [&up, &down] {
                     let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
                 }
-                (FlowEnd::Closed, 0, 0)
+                break (FlowEnd::Closed, 0, 0);
+            };
+            (up_state, down_state) = (u, d);
+            let state = FlowState {
+                down_cookie,
+                up_cookie,
+                route_id,
+                age_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                up: up_state,
+                down: down_state,
+            };
+            let tx = lock(&self.takeover).tx.clone();
+            let Some(tx) = tx else {
+                // The takeover ended before this flow got there: keep watching it here.
+                continue;
+            };
+            // Sending cannot fail while `tx` exists (the receiver outlives the takeover); a flow
+            // that comes back is watched here again.
+            match tx.send(DetachedFlow { down, up, state }) {
+                Ok(()) => {
+                    lock(&self.watchers).remove(&down_cookie);
+                    lock(&self.watchers).remove(&up_cookie);
+                    return FlowSummary {
+                        end: FlowEnd::HandedOver,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                        copied: 0,
+                        live_counted_up: 0,
+                        live_counted_down: 0,
+                        duration: started.elapsed(),
+                    };
+                }
+                Err(tokio::sync::mpsc::error::SendError(back)) => {
+                    tracing::warn!(
+                        cookie = down_cookie,
+                        "the takeover went away; this agent keeps the flow"
+                    );
+                    (down, up) = (back.down, back.up);
+                }
             }
         };
         let (d, u) = (self.side(down_cookie), self.side(up_cookie));
@@ -482,6 +651,90 @@ impl Splicer {
             live_counted_down: initial_down + counted(u.redirected_bytes),
             duration: started.elapsed(),
         }
+    }
+
+    /// Starts a takeover: every live flow leaves its watch at its next idle point and comes out
+    /// of the returned channel with its state. Flows keep running in the kernel meanwhile.
+    pub fn begin_takeover(&self) -> tokio::sync::mpsc::UnboundedReceiver<DetachedFlow> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut t = lock(&self.takeover);
+        t.tx = Some(tx);
+        self.detach.send_replace(true);
+        rx
+    }
+
+    /// Ends the takeover if every flow left (or `force`): returns whether it ended. Flows still
+    /// running after a forced end stay with this agent.
+    pub fn end_takeover(&self, force: bool) -> bool {
+        let mut t = lock(&self.takeover);
+        if t.running > 0 && !force {
+            return false;
+        }
+        t.tx = None;
+        self.detach.send_replace(false);
+        true
+    }
+
+    /// The next agent took over: stop consuming the shared event ring (it reads it now) and stop
+    /// writing the shared route entries. Flows that stay here finish without flow-control events.
+    pub fn retire(&self) {
+        self.events_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.routes.freeze();
+    }
+
+    /// Takes a flow another agent handed over: checks the cookies against the sockets and
+    /// returns it ready for [`Splicer::run`]. Its map entries are already in the (reused) maps.
+    pub fn adopt(
+        &self,
+        down: std::os::fd::OwnedFd,
+        up: std::os::fd::OwnedFd,
+        state: &FlowState,
+    ) -> Result<SplicedFlow, AdoptError> {
+        let stream = |fd: std::os::fd::OwnedFd| {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true).map_err(AdoptError::Register)?;
+            TcpStream::from_std(std).map_err(AdoptError::Register)
+        };
+        let (down, up) = (stream(down)?, stream(up)?);
+        for (side, s, expected) in [
+            ("client", &down, state.down_cookie),
+            ("endpoint", &up, state.up_cookie),
+        ] {
+            let actual = socket_cookie(s).map_err(AdoptError::Cookie)?;
+            if actual != expected {
+                return Err(AdoptError::CookieMismatch {
+                    side,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let route_id = self.routes.hold_adopted(state.route_id);
+        let started = Instant::now()
+            .checked_sub(Duration::from_millis(state.age_ms))
+            .unwrap_or_else(Instant::now);
+        Ok(SplicedFlow {
+            down,
+            up,
+            down_cookie: state.down_cookie,
+            up_cookie: state.up_cookie,
+            initial: state.up.agent_written,
+            initial_down: state.down.agent_written,
+            started,
+            route_id,
+            // Adopted directions start hot: a limit event may have gone to the old agent.
+            resume: [
+                DirectionState {
+                    hot: true,
+                    ..state.up
+                },
+                DirectionState {
+                    hot: true,
+                    ..state.down
+                },
+            ],
+        })
     }
 
     /// Whether every byte redirected from `src_cookie`'s socket, plus the `agent_written` bytes,
@@ -577,6 +830,34 @@ struct Direction<'a> {
     last_queued: u64,
     /// Consecutive ticks the queue has been over budget.
     over_ticks: u32,
+    /// Passed bytes the agent forwarded so far.
+    copied: u64,
+    /// Already forwarded its FIN (in this agent or the one before).
+    finished: bool,
+    /// Start hot (measure at once).
+    hot: bool,
+    /// Turns true when the flow should leave its watch for a takeover.
+    detach: watch::Receiver<bool>,
+}
+
+/// How a direction's watch ended.
+enum Outcome {
+    Ended(DirectionEnd),
+    /// Left for a takeover; the state to resume from.
+    Detached(DirectionState),
+}
+
+impl Outcome {
+    fn state(self) -> DirectionState {
+        match self {
+            Self::Ended(end) => DirectionState {
+                finished: true,
+                copied: end.copied,
+                ..DirectionState::default()
+            },
+            Self::Detached(state) => state,
+        }
+    }
 }
 
 /// Ticks a queue between one and two budgets must stay over budget before the sender is clamped:
@@ -597,42 +878,72 @@ impl<'a> Direction<'a> {
         src: &'a TcpStream,
         dst: &'a TcpStream,
         src_cookie: u64,
-        agent_written: u64,
+        state: DirectionState,
         dst_syn: u64,
+        detach: watch::Receiver<bool>,
     ) -> Self {
         let wake = Arc::new(Notify::new());
-        lock(&splicer.watchers).insert(src_cookie, wake.clone());
+        if !state.finished {
+            lock(&splicer.watchers).insert(src_cookie, wake.clone());
+        }
         Self {
             splicer,
             src,
             dst,
             src_cookie,
-            agent_written,
+            agent_written: state.agent_written,
             dst_syn,
             wake,
-            original_clamp: None,
-            level: None,
-            rcvbuf_locked: false,
+            original_clamp: state.original_clamp,
+            level: state
+                .clamp_level
+                .map(|l| usize::from(l).min(CLAMP_LEVELS.len() - 1)),
+            rcvbuf_locked: state.rcvbuf_locked,
             last_queued: 0,
             over_ticks: 0,
+            copied: state.copied,
+            finished: state.finished,
+            hot: state.hot,
+            detach,
         }
     }
 
-    async fn run(mut self) -> io::Result<DirectionEnd> {
+    async fn run(mut self) -> io::Result<Outcome> {
+        if self.finished {
+            return Ok(Outcome::Ended(DirectionEnd {
+                copied: self.copied,
+            }));
+        }
         let result = self.watch().await;
+        if let Ok(Outcome::Detached(_)) = result {
+            // The clamp stays: the next agent carries on from this level.
+            return result;
+        }
         if self.level.is_some() {
             let _ = self.set_level(None);
         }
         result
     }
 
-    async fn watch(&mut self) -> io::Result<DirectionEnd> {
-        let mut copied = 0u64;
+    fn detached_state(&self) -> DirectionState {
+        DirectionState {
+            finished: false,
+            agent_written: self.agent_written,
+            copied: self.copied,
+            clamp_level: self.level.and_then(|l| u8::try_from(l).ok()),
+            original_clamp: self.original_clamp,
+            rcvbuf_locked: self.rcvbuf_locked,
+            hot: false,
+        }
+    }
+
+    async fn watch(&mut self) -> io::Result<Outcome> {
         let mut buf: Vec<u8> = Vec::new();
         // While hot, the redirect queue is measured every tick; `last` is (redirected, when it last
         // moved) to notice the direction going quiet.
-        let mut hot = false;
+        let mut hot = self.hot || self.level.is_some();
         let mut last = (0u64, Instant::now());
+        let mut detach = self.detach.clone();
         loop {
             let wake = self.wake.clone();
             let tick = async {
@@ -648,6 +959,11 @@ impl<'a> Direction<'a> {
                     hot = self.regulate(&mut last)?;
                     continue;
                 }
+                // An idle point: nothing read and not written yet, so the next agent can resume
+                // exactly here.
+                Ok(_) = detach.wait_for(|d| *d) => {
+                    return Ok(Outcome::Detached(self.detached_state()));
+                }
             }
             // Read interest only: a spliced socket becomes readable on EOF or an error (or with
             // passed bytes, for a flow that was never armed).
@@ -658,7 +974,9 @@ impl<'a> Direction<'a> {
                 match self.src.try_read(&mut buf) {
                     Ok(0) => {
                         self.finish().await?;
-                        return Ok(DirectionEnd { copied });
+                        return Ok(Outcome::Ended(DirectionEnd {
+                            copied: self.copied,
+                        }));
                     }
                     Ok(n) => {
                         // Passed bytes come after everything redirected so far, so they go out
@@ -666,7 +984,7 @@ impl<'a> Direction<'a> {
                         self.wait_redirects_in_tcp().await?;
                         write_all(self.dst, &buf[..n]).await?;
                         self.agent_written += n as u64;
-                        copied += n as u64;
+                        self.copied += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
