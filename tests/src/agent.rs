@@ -264,6 +264,56 @@ impl<'ns> Agent<'ns> {
         agent
     }
 
+    /// Runs `zone-ingress run --upgrade --detach` with this agent's flags and pin dir (what
+    /// systemd's `ExecReload=` runs) to its exit, at most `limit`, with `env` added. Returns its
+    /// status and its log, which also holds the new agent's log (the new agent inherits the
+    /// launcher's stderr). From then on the new agent owns the pin dir: wrap its pid in
+    /// [`Detached`] so it is stopped and the pins removed.
+    pub fn run_detached_upgrade(
+        &mut self,
+        env: &[(String, String)],
+        limit: Duration,
+    ) -> (ExitStatus, PathBuf) {
+        let log = self.dir.path().join("detached-upgrade.log");
+        let out = File::create(&log).expect("create the upgrade command's log");
+        let err = out.try_clone().expect("dup the upgrade command's log");
+        self.owns_pins = false;
+        let mut child = self
+            .ns
+            .command(binary())
+            .arg("run")
+            .args(["--datapath", self.datapath.as_str()])
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.args)
+            .args(["--upgrade", "--detach"])
+            .env(
+                "RUST_LOG",
+                std::env::var("ZI_AGENT_LOG").unwrap_or_else(|_| "info".to_string()),
+            )
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn zone-ingress run --upgrade --detach");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the upgrade command") {
+                return (status, log);
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`run --upgrade --detach` still ran after {limit:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts `zone-ingress run --datapath D --pin-dir P <args>` in `ns` without writing any
     /// config file and without waiting (e.g. a control-plane session: `--cp-address ...`).
     pub fn start_with_args(
@@ -864,4 +914,55 @@ fn write_configs(
         p
     });
     (dir, config_path, routes_path)
+}
+
+/// An agent that is not a child of the test (started detached by `run --upgrade --detach`):
+/// Drop sends SIGTERM (SIGKILL after 5 s) and removes its pin dir and handoff socket.
+pub struct Detached {
+    pub pid: u32,
+    pub pin_dir: PathBuf,
+}
+
+impl Detached {
+    /// Whether the process still runs (a zombie left to an init that does not reap counts as gone).
+    pub fn is_running(&self) -> bool {
+        pid_running(self.pid)
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn pid_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let pid = self.pid as libc::pid_t;
+        if pid_running(self.pid) {
+            // SAFETY: kill(2) with a pid this test started (through the upgrade command).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let start = Instant::now();
+            while pid_running(self.pid) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_running(self.pid) {
+                eprintln!("detached agent {pid} ignored SIGTERM for 5 s: SIGKILL");
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(name) = self.pin_dir.file_name() {
+            let mut sock = name.to_os_string();
+            sock.push(".sock");
+            let _ = std::fs::remove_file(Path::new("/run/zone-ingress").join(sock));
+        }
+    }
 }

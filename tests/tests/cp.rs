@@ -900,3 +900,61 @@ async fn bootstrap_404_is_retried_and_422_is_final() {
     })
     .await
 }
+
+/// Hot restart in control-plane mode: the new agent bootstraps and opens its own ADS stream,
+/// takes the listener and admin sockets from the running agent once its first snapshot names the
+/// listener, and the old agent exits 0; flows keep being routed, spliced, by the new one.
+async fn cp_upgrade() {
+    let topo = Topology::new();
+    let cp = control_plane(&topo).await;
+    let _rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
+    let taps = taps(&topo).await;
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    cp.cp.push(xds_build::encode(
+        &simple_snapshot(&[(SNI_A, tap_a())]),
+        None,
+    ));
+    let mut old = start_agent(
+        &topo,
+        &cp,
+        Some(&valid_token(&cp)),
+        Datapath::Sockmap,
+        &scratch,
+    );
+    old.wait_ready(Duration::from_secs(20)).await;
+    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    let streams = cp.cp.streams_opened();
+
+    let mut new = old.upgrade();
+    let status = old.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "the old agent exited with {status}:\n{}",
+        old.stderr()
+    );
+    new.wait_ready(Duration::from_secs(20)).await;
+    let log = new.stderr();
+    assert!(
+        log.contains("hot restart: took over"),
+        "the new agent logged no takeover:\n{log}"
+    );
+    assert!(
+        cp.cp.streams_opened() > streams,
+        "the new agent opened no ADS stream of its own"
+    );
+    for _ in 0..3 {
+        assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    }
+    let m = new.metrics().await;
+    assert_eq!(m.get("envoy_control_plane_connected_state", &[]), 1.0);
+    assert!(
+        m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]) >= 3.0,
+        "the new agent did not splice the flows:\n{}",
+        m.dump("zone_ingress")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_mode_hot_restart() {
+    run_test(Duration::from_secs(120), cp_upgrade()).await
+}

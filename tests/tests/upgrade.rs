@@ -11,7 +11,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use zone_ingress_common::{FlowCtrl, FlowInfo, FlowSide, map_names};
-use zone_ingress_tests::agent::{Agent, Datapath, Options, Route};
+use zone_ingress_tests::agent::{Agent, Datapath, Detached, Options, Route};
 use zone_ingress_tests::netns::Topology;
 use zone_ingress_tests::pki::SNI_BACKEND;
 use zone_ingress_tests::run_test;
@@ -427,6 +427,178 @@ async fn incompatible_maps_fall_back_to_a_drain() {
         eprintln!(
             "drain-based restart: {LIVE} flows echoed {messages} messages and ended with a FIN; {} connection attempts, none refused",
             attempts.load(Ordering::Relaxed)
+        );
+    })
+    .await;
+}
+
+/// Reads `$NOTIFY_SOCKET` datagrams until one contains `want`, at most `limit`; returns it.
+fn notification(sock: &std::os::unix::net::UnixDatagram, want: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < limit {
+        let mut buf = [0u8; 1024];
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.contains(want) {
+                    return msg;
+                }
+                seen.push(msg);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading the notify socket: {e}"),
+        }
+    }
+    panic!("no {want:?} notification within {limit:?}; got {seen:?}");
+}
+
+/// systemd's reload path (`ExecReload=zone-ingress run --upgrade --detach ...`, `Type=notify`,
+/// `NotifyAccess=all`): the first agent says READY=1; the upgrade command returns 0 once the new
+/// agent took over; the new agent says MAINPID=<its pid> before the old one exits; spliced flows
+/// keep moving verified bytes across it and new connections reach the new agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detached_upgrade_tells_the_service_manager() {
+    run_test(Duration::from_secs(90), async {
+        const LIVE: usize = 8;
+        let topo = Topology::new();
+        let _backend = Backend::start(
+            &topo.backend,
+            Topology::backend_addr(BACKEND_PORT),
+            Behaviour::Echo,
+        )
+        .await;
+        let notify_dir = tempfile::tempdir().expect("temp dir");
+        let notify_path = notify_dir.path().join("notify.sock");
+        let notify =
+            std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("notify socket timeout");
+        let env = vec![(
+            "NOTIFY_SOCKET".to_string(),
+            notify_path.to_string_lossy().into_owned(),
+        )];
+        let mut opts = Options::new(Datapath::Sockmap);
+        opts.extra_args = vec!["--drain-time".into(), "5s".into()];
+        opts.env = env.clone();
+        let mut first = Agent::start(
+            &topo.ingress,
+            &[Route::new(
+                SNI_BACKEND,
+                &[Topology::backend_addr(BACKEND_PORT)],
+            )],
+            opts,
+        )
+        .await;
+        let ready = notification(&notify, "READY=1", Duration::from_secs(10));
+        assert!(
+            !ready.contains("MAINPID"),
+            "a first start must not claim a main pid: {ready:?}"
+        );
+        let addr = first.addr();
+        let mut live = Vec::new();
+        for i in 0..LIVE {
+            let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+                .await
+                .unwrap_or_else(|e| panic!("flow {i}: connect: {e}"));
+            tls::echo_roundtrip(&mut s, &[i as u8; 16 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("flow {i} before the upgrade: {e}"));
+            live.push(s);
+        }
+
+        let old_pid = first.pid();
+        let (status, log_path) = first.run_detached_upgrade(&env, Duration::from_secs(60));
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(
+            status.success(),
+            "`run --upgrade --detach` exited with {status}:\n{log}"
+        );
+        let msg = notification(&notify, "MAINPID=", Duration::from_secs(5));
+        let new_pid: u32 = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("MAINPID="))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unparsable MAINPID notification {msg:?}"));
+        let new = Detached {
+            pid: new_pid,
+            pin_dir: first.pin_dir().to_path_buf(),
+        };
+        assert!(msg.contains("READY=1"), "MAINPID without READY=1: {msg:?}");
+        assert_ne!(new_pid, old_pid, "MAINPID names the old agent");
+        assert!(
+            new.is_running(),
+            "the new agent {new_pid} is not running:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("the new agent (pid {new_pid}) took over")),
+            "the upgrade command did not report the new agent {new_pid}:\n{log}"
+        );
+        let status = first.wait_exit(Duration::from_secs(15)).await;
+        assert!(status.success(), "the old agent exited with {status}");
+        assert_eq!(
+            adopted(&log),
+            Some(LIVE as u64),
+            "the new agent did not adopt every spliced flow:\n{log}"
+        );
+
+        // The flows it adopted still move verified bytes, and end cleanly.
+        for (i, s) in live.iter_mut().enumerate() {
+            tls::echo_roundtrip(s, &[0x5a ^ i as u8; 64 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("flow {i} after the upgrade: {e}"));
+            s.shutdown().await.expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.expect("EOF after shutdown");
+        }
+        // New connections reach the new agent (the old one exited).
+        let mut s = tls::connect(&topo.client, addr, SNI_BACKEND)
+            .await
+            .expect("a new connection after the upgrade");
+        tls::echo_roundtrip(&mut s, b"after the upgrade")
+            .await
+            .expect("echo through the new agent");
+        drop(s);
+        drop(new);
+    })
+    .await;
+}
+
+/// A reload with no agent to take over fails fast with the reason, and starts nothing that stays.
+#[tokio::test]
+async fn detached_upgrade_without_a_running_agent_fails() {
+    run_test(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new(zone_ingress_tests::agent::binary())
+            .args([
+                "run",
+                "--datapath",
+                "userspace",
+                "--upgrade",
+                "--detach",
+                "--handoff-socket",
+            ])
+            .arg(dir.path().join("nobody.sock"))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run zone-ingress");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+        assert!(
+            stderr.contains("upgrade failed: the new agent")
+                && stderr.contains("ended before taking over (exit code 1)")
+                && stderr.contains("the running agent keeps serving"),
+            "unexpected message:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("--upgrade: the handoff with the running agent failed"),
+            "the new agent's own reason is missing:\n{stderr}"
         );
     })
     .await;

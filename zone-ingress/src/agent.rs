@@ -328,11 +328,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 drain: drain_tx.subscribe(),
             });
         match take_over(upgrade, adopter.as_ref()).await {
-            Ok(()) => {}
+            Ok(()) => handoff::detach::report(Ok(())),
             Err(e) => {
-                tracing::error!(error = %e, "hot restart incomplete: the running agent resumes accepting and keeps its flows; this agent serves too, without a handoff socket")
+                tracing::error!(error = %e, "hot restart incomplete: the running agent resumes accepting and keeps its flows; this agent serves too, without a handoff socket");
+                handoff::detach::report(Err(&format!(
+                    "hot restart incomplete: {e:#}; both agents serve, the new one without a handoff socket"
+                )));
             }
         }
+    } else {
+        crate::service::ready();
     }
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
     // Bound after a takeover completed, so the next `--upgrade` finds this agent.
@@ -515,6 +520,9 @@ async fn take_over(upgrade: Upgrade, adopter: Option<&Adopter>) -> Result<()> {
         Some(a) => upgrade.take_flows(a).await?,
         None => 0,
     };
+    // Before the old agent is told to exit: a service manager must not see its main process
+    // end without a successor.
+    crate::service::took_over();
     let kept = upgrade.finish().await?;
     tracing::info!(
         old_pid,

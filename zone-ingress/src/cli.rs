@@ -118,6 +118,11 @@ struct RunArgs {
     /// same handoff socket (and pin dir), then make it exit. It keeps serving if this fails.
     #[arg(long)]
     upgrade: bool,
+    /// With --upgrade: start the new agent in the background and return once it took over (exit
+    /// 0) or failed (exit 1, with the reason). For a service manager's reload command
+    /// (systemd `ExecReload=`).
+    #[arg(long, requires = "upgrade")]
+    detach: bool,
     /// Unix socket for hot restarts: this agent serves it, `--upgrade` connects to it.
     /// Default: /run/zone-ingress/<pin dir name>.sock.
     #[arg(long, value_name = "PATH", env = "ZONE_INGRESS_HANDOFF_SOCKET")]
@@ -414,6 +419,9 @@ fn cp_options(args: &RunArgs) -> Result<Option<crate::cp::CpOptions>, String> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if args.detach {
+        return crate::handoff::detach::launch(std::env::args_os().skip(1).collect());
+    }
     let cp = match cp_options(&args) {
         Ok(cp) => cp,
         Err(e) => {

@@ -8,7 +8,7 @@
 //! control plane's ADS stream) swap route tables; [`maps`] reads the pinned BPF maps for
 //! operators (`zone-ingress maps dump`). [`guard`] (XDP) filters packets to the listener before
 //! the kernel's stack sees them. [`privs`] checks and drops Linux capabilities. [`handoff`] moves
-//! sockets and spliced flows to a new agent (hot restart).
+//! sockets and spliced flows to a new agent (hot restart); [`service`] tells systemd.
 
 pub mod accesslog;
 pub mod admin;
@@ -25,6 +25,7 @@ pub mod maps;
 pub mod privs;
 pub mod reload;
 pub mod routes;
+pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod upstream;

@@ -86,9 +86,20 @@ fn systemd_inputs() -> (Vec<EnvUse>, Vec<ArgsUse>) {
     for (k, v) in env_file_keys(&uncommented) {
         envs.push(("zone-ingress.env".into(), k, Some(v)));
     }
+    let reload = unit.get("Service", "ExecReload").expect("ExecReload");
     (
         envs,
-        vec![("zone-ingress.service ExecStart".into(), words.collect())],
+        vec![
+            ("zone-ingress.service ExecStart".into(), words.collect()),
+            (
+                "zone-ingress.service ExecReload".into(),
+                reload
+                    .split_whitespace()
+                    .skip(1)
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        ],
     )
 }
 

@@ -76,6 +76,26 @@ fn unit_runs_with_the_bpf_capabilities_only_and_restarts() {
     }
 }
 
+/// `systemctl reload` is the hot restart: the same command line plus `--upgrade --detach`, a
+/// notify-type unit that accepts the new agent's MAINPID=, and a runtime directory for the
+/// handoff socket.
+#[test]
+fn unit_reload_is_a_hot_restart() {
+    let unit = Unit::parse(&unit_text()).expect("unit parses");
+    let s = "Service";
+    let start = unit.get(s, "ExecStart").unwrap();
+    assert_eq!(
+        unit.get(s, "ExecReload"),
+        Some(format!("{start} --upgrade --detach").as_str()),
+        "ExecReload must be ExecStart plus `--upgrade --detach`"
+    );
+    assert_eq!(unit.get(s, "Type"), Some("notify"));
+    assert_eq!(unit.get(s, "NotifyAccess"), Some("all"));
+    assert_eq!(unit.get(s, "RuntimeDirectory"), Some("zone-ingress"));
+    // The default handoff socket lives in that runtime directory.
+    assert!(!start.contains("--handoff-socket"), "{start}");
+}
+
 #[test]
 fn unit_passes_systemd_analyze_verify() {
     let analyze = Path::new("/usr/bin/systemd-analyze");
@@ -95,6 +115,10 @@ fn unit_passes_systemd_analyze_verify() {
         text.replace(
             &format!("ExecStart={INSTALLED_BIN} "),
             &format!("ExecStart={} ", bin.display()),
+        )
+        .replace(
+            &format!("ExecReload={INSTALLED_BIN} "),
+            &format!("ExecReload={} ", bin.display()),
         ),
     )
     .unwrap();

@@ -21,6 +21,7 @@
 //! handoff fails before the new agent listens, nothing changed; after that but before `Exit`, the
 //! old agent resumes accepting. Either way the old agent keeps serving.
 
+pub mod detach;
 pub mod proto;
 pub mod receiver;
 pub mod sender;
