@@ -550,3 +550,64 @@ async fn startup_errors_are_clear() {
     })
     .await
 }
+
+/// A hot restart with the guard on: the new agent takes the running agent's XDP attachment over
+/// (its own program replaces the old one on the interface, with no moment unguarded), the old
+/// agent exits, and the allow-list still holds, now enforced and counted by the new agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_survives_a_hot_restart() {
+    run_test(Duration::from_secs(90), async {
+        let topo = Topology::new();
+        add_client_addresses(&topo);
+        let backend =
+            Backend::start(&topo.backend, Topology::backend_addr(8443), Behaviour::Echo).await;
+        let cfg = AgentConfig::new(&format!(
+            "guard:\n  enabled: true\n  allow_cidrs: [\"{CLIENT2_V4}/32\"]\n"
+        ));
+        let mut old = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[backend.addr])],
+            cfg.options(Datapath::Sockmap),
+        )
+        .await;
+        assert!(xdp_attached(&topo.ingress, "to-client"));
+        assert_blocked(&topo.client, CLIENT_V4.into(), old.addr()).await;
+
+        let mut new = old.upgrade();
+        let status = old.wait_exit(Duration::from_secs(20)).await;
+        assert!(status.success(), "the old agent exited with {status}");
+        new.wait_ready(Duration::from_secs(10)).await;
+        let log = new.stderr();
+        assert!(
+            log.contains("hot restart: took over"),
+            "the new agent did not take over:\n{log}"
+        );
+        assert!(
+            log.contains("took over the running agent's XDP attachment"),
+            "the new agent attached its guard another way:\n{log}"
+        );
+        assert!(
+            xdp_attached(&topo.ingress, "to-client"),
+            "no XDP program on to-client after the old agent exited"
+        );
+        assert_blocked(&topo.client, CLIENT_V4.into(), new.addr()).await;
+        assert_connects(&topo.client, CLIENT2_V4.into(), new.addr()).await;
+        let m = new.metrics().await;
+        assert_eq!(m.get("zone_ingress_guard_attached", &[]), 1.0);
+        assert!(
+            guard_dropped(&m, "allow_list") >= 1.0,
+            "the new agent's program did not count the drop:\n{}",
+            m.dump("zone_ingress_guard")
+        );
+        drop(new);
+        let start = Instant::now();
+        while xdp_attached(&topo.ingress, "to-client") && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !xdp_attached(&topo.ingress, "to-client"),
+            "the XDP program stayed on to-client after the last agent exited"
+        );
+    })
+    .await;
+}

@@ -287,6 +287,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         listen,
         &opts.pin_dir,
         stats.clone(),
+        upgrade.as_ref().and_then(|u| u.guard_link()),
     )?;
     if opts.keep_capabilities {
         tracing::info!("--keep-capabilities: keeping every capability the agent started with");
@@ -352,6 +353,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 events: events_tx,
                 flows: flows.clone(),
                 handed_over: bound.handed_over(),
+                guard: Some(guard.clone()),
             };
             Some((bound, tokio::spawn(sender.serve(unix))))
         }

@@ -27,7 +27,7 @@ use crate::config::{AgentConfig, GuardSection};
 use crate::reload::{self, Trigger};
 use crate::stats::Stats;
 
-pub use program::{Guard, GuardError};
+pub use program::{Guard, GuardError, SharedLink};
 pub use settings::GuardArgs;
 
 /// What start and reload need to attach the guard.
@@ -46,6 +46,7 @@ struct State {
 }
 
 /// The guard of a running agent (possibly not attached: disabled, or enabled later by a reload).
+#[derive(Clone)]
 pub struct GuardRuntime {
     state: Arc<Mutex<State>>,
 }
@@ -64,6 +65,7 @@ pub fn start(
     listen: SocketAddr,
     pin_dir: &Path,
     stats: Arc<Stats>,
+    inherited: Option<&SharedLink>,
 ) -> Result<GuardRuntime> {
     let file = match agent_config {
         Some(path) => AgentConfig::load(path)?.guard,
@@ -77,7 +79,7 @@ pub fn start(
     };
     let state = Arc::new(Mutex::new(State::default()));
     if settings.enabled {
-        lock(&state).guard = Some(attach(&ctx, &settings)?);
+        lock(&state).guard = Some(attach(&ctx, &settings, inherited)?);
     } else {
         tracing::debug!("XDP guard off (guard.enabled / --guard)");
     }
@@ -103,14 +105,37 @@ impl GuardRuntime {
         lock(&self.state).guard.is_some()
     }
 
-    /// Detaches the guard (the agent is exiting); later reloads do nothing.
+    /// Detaches the guard (the agent is exiting); later reloads do nothing. A guard whose link a
+    /// new agent took stays attached, running the new agent's program.
     pub fn shutdown(&self) {
         let mut st = lock(&self.state);
         st.closed = true;
         if let Some(guard) = st.guard.take() {
             let iface = guard.interface.clone();
+            let handed_over = guard.handed_over();
             drop(guard);
-            tracing::info!(interface = %iface, "XDP guard detached");
+            if handed_over {
+                tracing::info!(interface = %iface, "XDP guard: the new agent guards the interface now");
+            } else {
+                tracing::info!(interface = %iface, "XDP guard detached");
+            }
+        }
+    }
+
+    /// Hot restart, old agent: pins the XDP link for the new agent (`None`: no guard attached).
+    /// While pinned, reloads still write this agent's maps; the new agent's program reads its own.
+    pub fn share_link(&self) -> Result<Option<SharedLink>, GuardError> {
+        let mut st = lock(&self.state);
+        match st.guard.as_mut() {
+            Some(g) => g.share_link().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Hot restart failed: takes the pinned link back.
+    pub fn reclaim_link(&self) {
+        if let Some(g) = lock(&self.state).guard.as_mut() {
+            g.reclaim_link();
         }
     }
 }
@@ -143,9 +168,9 @@ fn pick_interface(settings: &GuardSection, listen: SocketAddr) -> Result<String>
     }
 }
 
-fn attach(ctx: &Ctx, settings: &GuardSection) -> Result<Guard> {
+fn attach(ctx: &Ctx, settings: &GuardSection, inherited: Option<&SharedLink>) -> Result<Guard> {
     let iface = pick_interface(settings, ctx.listen)?;
-    let guard = Guard::load(settings, ctx.listen.port(), &iface, &ctx.pin_dir)?;
+    let guard = Guard::load(settings, ctx.listen.port(), &iface, &ctx.pin_dir, inherited)?;
     log_settings("XDP guard settings", settings);
     Ok(guard)
 }
@@ -214,7 +239,7 @@ fn reload(ctx: &Ctx, state: &Mutex<State>, text: &str, origin: &str, trigger: Tr
                 Err(e) => tracing::error!("XDP guard: applying the reloaded settings: {e}"),
             }
         }
-        None if settings.enabled => match attach(ctx, &settings) {
+        None if settings.enabled => match attach(ctx, &settings, None) {
             Ok(guard) => st.guard = Some(guard),
             Err(e) => tracing::error!("XDP guard enabled by a reload but not attached: {e:#}"),
         },

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
@@ -36,6 +38,48 @@ pub enum GuardError {
     },
     #[error("XDP guard: writing map {map}: {detail}")]
     Map { map: &'static str, detail: String },
+    #[error(
+        "XDP guard: handing the XDP attachment on {iface} to a new agent: {detail} (the running \
+         agent keeps it)"
+    )]
+    Share { iface: String, detail: String },
+    #[error(
+        "XDP guard: taking over the running agent's XDP attachment on {iface} ({path}): {detail} \
+         (the running agent keeps guarding; retry the upgrade, or restart without --upgrade)"
+    )]
+    TakeOver {
+        iface: String,
+        path: String,
+        detail: String,
+    },
+}
+
+/// A running agent's XDP attachment, pinned for the agent that replaces it (hot restart). The
+/// new agent opens the pin, removes it and swaps its own program in on the same link
+/// (`bpf_link_update`): the interface is never unguarded and never guarded twice.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedLink {
+    pub interface: String,
+    /// `native` or `generic`: a link keeps the mode it was created with.
+    pub mode: String,
+    pub path: PathBuf,
+}
+
+/// How this agent holds its XDP link.
+enum LinkHold {
+    /// Owned by the loaded program (detached when the program is dropped).
+    Program(XdpLinkId),
+    /// Pinned for a new agent; our descriptor keeps it attached if the new agent fails.
+    Pinned(PinnedLink),
+    /// Taken back from a pin (a handoff that failed), or left after the new agent took the pin.
+    Fd(FdLink),
+    /// Moved between states.
+    None,
+}
+
+/// The pin of a shared link, in the agent's pin dir.
+pub fn shared_link_path(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("ZI_GUARD_LINK")
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> GuardError {
@@ -64,8 +108,9 @@ impl Attached {
 /// The guard program, attached. Dropping it detaches the program (its bpf_link closes); the
 /// pinned maps stay readable for `zone-ingress maps dump guard`.
 pub struct Guard {
-    /// Owns the program and its link.
-    _ebpf: Ebpf,
+    /// Owns the program (and, while `link` is `Program`, its link).
+    ebpf: Ebpf,
+    link: LinkHold,
     maps: GuardMaps,
     counters: PerCpuArray<MapData, u64>,
     pub interface: String,
@@ -96,12 +141,14 @@ impl std::fmt::Debug for Guard {
 
 impl Guard {
     /// Loads the program, pins its maps under `pin_dir`, writes `settings` and attaches to
-    /// `iface`. The program guards TCP to `port`.
+    /// `iface`, or, with `inherited` on that interface (a hot restart), replaces the running
+    /// agent's program on its link. The program guards TCP to `port`.
     pub fn load(
         settings: &GuardSection,
         port: u16,
         iface: &str,
         pin_dir: &Path,
+        inherited: Option<&SharedLink>,
     ) -> Result<Self, GuardError> {
         let object = bpf::embedded_object(pin_dir)?;
         let mut loader = EbpfLoader::new();
@@ -142,32 +189,69 @@ impl Guard {
             .try_into()
             .map_err(GuardError::Load)?;
         prog.load().map_err(GuardError::Load)?;
+        let inherited = inherited.filter(|l| {
+            let same = l.interface == iface;
+            if !same {
+                tracing::warn!(
+                    old = %l.interface,
+                    new = iface,
+                    "XDP guard: the running agent guards another interface; attaching anew (its \
+                     attachment ends when it exits)"
+                );
+            }
+            same
+        });
+        if let Some(shared) = inherited {
+            let link = take_over_link(prog, shared)?;
+            let attached = if shared.mode == Attached::Native.as_str() {
+                Attached::Native
+            } else {
+                Attached::Generic
+            };
+            tracing::info!(
+                interface = iface,
+                mode = attached.as_str(),
+                port,
+                pin_dir = %pin_dir.display(),
+                "XDP guard: took over the running agent's XDP attachment (program replaced on its link)"
+            );
+            return Ok(Self {
+                ebpf,
+                link: LinkHold::Program(link),
+                maps,
+                counters,
+                interface: iface.to_owned(),
+                attached,
+                pin_dir: pin_dir.to_path_buf(),
+            });
+        }
+        // A pin left by an agent that died during a handoff would keep its program attached.
+        let stale = shared_link_path(pin_dir);
+        if stale.exists() {
+            tracing::warn!(path = %stale.display(), "XDP guard: removing an XDP link pin left by an interrupted hot restart");
+            let _ = std::fs::remove_file(&stale);
+        }
         let attach = |prog: &mut Xdp, mode: AyaXdpMode, name: &'static str| {
             prog.attach(iface, mode)
-                .map(|_| ())
                 .map_err(|source| GuardError::Attach {
                     iface: iface.to_owned(),
                     mode: name,
                     source,
                 })
         };
-        let attached = match settings.mode {
-            XdpMode::Native => {
-                attach(prog, AyaXdpMode::Driver, "native")?;
-                Attached::Native
-            }
-            XdpMode::Generic => {
-                attach(prog, AyaXdpMode::Skb, "generic")?;
-                Attached::Generic
-            }
+        let (link, attached) = match settings.mode {
+            XdpMode::Native => (
+                attach(prog, AyaXdpMode::Driver, "native")?,
+                Attached::Native,
+            ),
+            XdpMode::Generic => (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic),
             XdpMode::Auto => match attach(prog, AyaXdpMode::Driver, "native") {
-                Ok(()) => Attached::Native,
+                Ok(link) => (link, Attached::Native),
                 Err(e) => {
                     tracing::warn!(interface = iface, error = %e,
                         "XDP guard: native mode unavailable, falling back to generic (SKB) mode: \
                          packets are inspected after the kernel built an skb, which costs more per packet");
-                    attach(prog, AyaXdpMode::Skb, "generic")?;
-                    Attached::Generic
+                    (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic)
                 }
             },
         };
@@ -179,13 +263,109 @@ impl Guard {
             "XDP guard attached"
         );
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
+            link: LinkHold::Program(link),
             maps,
             counters,
             interface: iface.to_owned(),
             attached,
             pin_dir: pin_dir.to_path_buf(),
         })
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, GuardError> {
+        self.ebpf
+            .program_mut(PROG_NAME)
+            .ok_or(GuardError::NoProgram)?
+            .try_into()
+            .map_err(GuardError::Load)
+    }
+
+    /// Pins this agent's XDP link for a new agent (hot restart). Our descriptor stays open, so
+    /// the interface stays guarded whatever the new agent does; [`Guard::reclaim_link`] undoes
+    /// the pin when the handoff fails.
+    pub fn share_link(&mut self) -> Result<SharedLink, GuardError> {
+        let path = shared_link_path(&self.pin_dir);
+        let iface = self.interface.clone();
+        let share_err = |detail: String| GuardError::Share {
+            iface: iface.clone(),
+            detail,
+        };
+        let fd_link = match std::mem::replace(&mut self.link, LinkHold::None) {
+            LinkHold::Program(id) => {
+                let prog = match self.program() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.link = LinkHold::Program(id);
+                        return Err(e);
+                    }
+                };
+                // On failure the program keeps the link (detached with it at exit).
+                let xdp = prog
+                    .take_link(id)
+                    .map_err(|e| share_err(format!("taking the link from the program: {e}")))?;
+                // A netlink attachment (kernels without XDP links) has no descriptor to hand.
+                match FdLink::try_from(xdp) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        return Err(share_err(format!(
+                            "the program is attached without a BPF link ({e}); this kernel \
+                             needs a drain-based restart"
+                        )));
+                    }
+                }
+            }
+            LinkHold::Fd(l) => l,
+            LinkHold::Pinned(p) => {
+                // Still pinned from an earlier attempt: share the same pin.
+                self.link = LinkHold::Pinned(p);
+                return Ok(self.shared(path));
+            }
+            LinkHold::None => {
+                return Err(share_err("the link was lost in a failed handoff".into()));
+            }
+        };
+        let _ = std::fs::remove_file(&path);
+        match fd_link.pin(&path) {
+            Ok(pinned) => {
+                self.link = LinkHold::Pinned(pinned);
+                Ok(self.shared(path))
+            }
+            Err(e) => Err(share_err(format!("pinning it at {}: {e}", path.display()))),
+        }
+    }
+
+    fn shared(&self, path: PathBuf) -> SharedLink {
+        SharedLink {
+            interface: self.interface.clone(),
+            mode: self.attached.as_str().to_owned(),
+            path,
+        }
+    }
+
+    /// After a failed handoff: removes the pin [`Guard::share_link`] made (if the new agent did
+    /// not already) and keeps guarding through our own descriptor.
+    pub fn reclaim_link(&mut self) {
+        if let LinkHold::Pinned(p) = std::mem::replace(&mut self.link, LinkHold::None) {
+            let path = shared_link_path(&self.pin_dir);
+            if path.exists() {
+                match p.unpin() {
+                    Ok(fd) => self.link = LinkHold::Fd(fd),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "XDP guard: could not remove the link pin of a failed handoff; remove it by hand once this agent exits");
+                    }
+                }
+            } else {
+                // The new agent took the pin: the link runs its program now, or ours if it
+                // failed before swapping. Either way our descriptor keeps it attached.
+                self.link = LinkHold::Pinned(p);
+            }
+        }
+    }
+
+    /// Whether a new agent took this agent's link (then dropping this guard does not detach it).
+    pub fn handed_over(&self) -> bool {
+        matches!(self.link, LinkHold::Pinned(_)) && !shared_link_path(&self.pin_dir).exists()
     }
 
     /// Writes `settings` into the maps, live (the program stays attached).
@@ -273,4 +453,22 @@ fn page_size() -> u32 {
     // SAFETY: sysconf only reads a configuration value.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(page).unwrap_or(4096)
+}
+
+/// Opens the running agent's pinned XDP link, removes the pin (the link lives on through the
+/// descriptors) and swaps `prog` in on it.
+fn take_over_link(prog: &mut Xdp, shared: &SharedLink) -> Result<XdpLinkId, GuardError> {
+    let err = |detail: String| GuardError::TakeOver {
+        iface: shared.interface.clone(),
+        path: shared.path.display().to_string(),
+        detail,
+    };
+    let pinned =
+        PinnedLink::from_pin(&shared.path).map_err(|e| err(format!("opening the pin: {e}")))?;
+    let fd_link = pinned
+        .unpin()
+        .map_err(|e| err(format!("removing the pin: {e}")))?;
+    let link = XdpLink::try_from(fd_link).map_err(|e| err(format!("not an XDP link: {e}")))?;
+    prog.attach_to_link(link)
+        .map_err(|e| err(format!("replacing the program on the link: {e}")))
 }

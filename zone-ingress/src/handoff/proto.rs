@@ -38,8 +38,13 @@ pub enum Msg {
     },
     /// New -> old: send the listening sockets (they stay shared: both accept meanwhile).
     TakeSockets,
-    /// Old -> new: the listening sockets, one descriptor each, in this order.
-    Sockets { addrs: Vec<SocketAddr> },
+    /// Old -> new: the listening sockets, one descriptor each, in this order; and the XDP
+    /// guard's link, pinned for the new agent to take (absent: no guard attached).
+    Sockets {
+        addrs: Vec<SocketAddr>,
+        #[serde(default)]
+        guard: Option<crate::guard::SharedLink>,
+    },
     /// New -> old: accepting on them now; stop accepting.
     Listening,
     /// New -> old: hand over every spliced flow.

@@ -39,6 +39,8 @@ pub struct Upgrade {
     pub old_spliced: bool,
     /// Listening sockets received and not yet used.
     sockets: Mutex<Vec<(SocketAddr, OwnedFd)>>,
+    /// The old agent's XDP guard link, pinned for this agent to take.
+    guard_link: Option<crate::guard::SharedLink>,
 }
 
 impl Upgrade {
@@ -77,7 +79,7 @@ impl Upgrade {
         };
         conn.send(&Msg::TakeSockets, &[]).await?;
         let (msg, fds) = conn.recv().await?;
-        let Msg::Sockets { addrs } = msg else {
+        let Msg::Sockets { addrs, guard } = msg else {
             return Err(ProtoError::Unexpected {
                 expected: "sockets",
                 got: Box::new(msg),
@@ -96,7 +98,13 @@ impl Upgrade {
             old_pid,
             old_spliced,
             sockets: Mutex::new(addrs.into_iter().zip(fds).collect()),
+            guard_link: guard,
         })
+    }
+
+    /// The old agent's XDP guard link, if it had the guard attached.
+    pub fn guard_link(&self) -> Option<&crate::guard::SharedLink> {
+        self.guard_link.as_ref()
     }
 
     /// The old agent's listening socket bound at `addr`, if it had one.

@@ -41,6 +41,8 @@ pub struct Sender {
     pub flows: Arc<crate::listener::ActiveFlows>,
     /// Set once a new agent took over (see [`Bound`]).
     pub handed_over: Arc<AtomicBool>,
+    /// The XDP guard, whose link the new agent takes over.
+    pub guard: Option<crate::guard::GuardRuntime>,
 }
 
 /// The handoff socket, removed at drop unless a new agent took over (it rebinds the path, and
@@ -114,6 +116,9 @@ impl Sender {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "hot restart failed; this agent keeps serving");
+                    if let Some(g) = &self.guard {
+                        g.reclaim_link();
+                    }
                     if listening {
                         let _ = self.events.send(Event::ResumeAccepting);
                     }
@@ -155,7 +160,17 @@ impl Sender {
                 Msg::TakeSockets => {
                     let addrs = self.sockets.iter().map(|(a, _)| *a).collect();
                     let fds: Vec<_> = self.sockets.iter().map(|(_, f)| f.as_fd()).collect();
-                    conn.send(&Msg::Sockets { addrs }, &fds).await?;
+                    let guard = match self.guard.as_ref().map(|g| g.share_link()) {
+                        Some(Ok(link)) => link,
+                        Some(Err(e)) => {
+                            // The new agent then fails to attach its own and gives up: this
+                            // agent keeps serving, guarded.
+                            tracing::error!(error = %e, "cannot hand the XDP guard over");
+                            None
+                        }
+                        None => None,
+                    };
+                    conn.send(&Msg::Sockets { addrs, guard }, &fds).await?;
                 }
                 Msg::Listening => {
                     *listening = true;
