@@ -38,8 +38,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # ---- runtime: glibc + libgcc only (the agent links nothing else; rustls, no OpenSSL) ------------
 # Same Debian release as the builder, so the glibc the binary was linked against is there. Runs as
-# uid 0 because the agent loads BPF only as root; the Kubernetes manifests and the systemd unit
-# drop every capability but CAP_BPF and CAP_NET_ADMIN.
+# uid 0 because added capabilities reach root only in Kubernetes (and bpffs is root's); the
+# Kubernetes manifests and the systemd unit drop every capability but CAP_BPF and CAP_NET_ADMIN.
 FROM gcr.io/distroless/cc-debian12 AS runtime
 COPY --from=builder /out/zone-ingress /usr/local/bin/zone-ingress
 # 10001: mTLS from other zones; 9901: admin (/ready, /stats/prometheus).

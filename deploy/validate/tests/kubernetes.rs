@@ -236,7 +236,10 @@ fn daemonset_follows_kumas_ingress_model() {
     assert_eq!(added, BPF_CAPABILITIES.iter().copied().collect());
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
-    assert_eq!(sc["runAsUser"], 0, "the agent loads BPF only as uid 0");
+    assert_eq!(
+        sc["runAsUser"], 0,
+        "added capabilities reach uid 0 only in Kubernetes"
+    );
     // The host's bpffs, and the pins under it.
     let bpffs_volume = spec["volumes"]
         .as_array()

@@ -21,8 +21,8 @@ fn unit_runs_with_the_bpf_capabilities_only_and_restarts() {
     assert_eq!(unit.get(s, "Restart"), Some("on-failure"));
     let exec = unit.get(s, "ExecStart").unwrap();
     assert!(exec.starts_with(&format!("{INSTALLED_BIN} run ")), "{exec}");
-    // The agent loads BPF only as uid 0: no User= (or root), but a bounding set of exactly the
-    // BPF capabilities takes every other privilege of root away.
+    // uid 0 (the pin dir on bpffs is root's): no User= (or root), but a bounding set of exactly
+    // the BPF capabilities takes every other privilege of root away.
     assert!(matches!(unit.get(s, "User"), None | Some("root")));
     let caps: Vec<&str> = unit
         .values(s, "CapabilityBoundingSet")
