@@ -509,25 +509,30 @@ async fn taps(topo: &Topology) -> Taps {
     .await
 }
 
-async fn nack_keeps_old_routes_then_update_adds_sni() {
-    let topo = Topology::new();
-    let cp = control_plane(&topo).await;
-    let _rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
-    let taps = taps(&topo).await;
+/// The CP pushes one route (`SNI_A` to tap A) and an agent on `dp` starts against it and routes
+/// a first flow there. Returns the s_server, the taps, the agent's scratch dir and the agent.
+async fn agent_on_one_route<'ns>(
+    topo: &'ns Topology,
+    cp: &ControlPlane,
+    dp: Datapath,
+) -> (OpensslRevServer, Taps, tempfile::TempDir, Agent<'ns>) {
+    let rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
+    let taps = taps(topo).await;
     let scratch = tempfile::tempdir().expect("scratch dir");
     cp.cp.push(xds_build::encode(
         &simple_snapshot(&[(SNI_A, tap_a())]),
         None,
     ));
-    let mut agent = start_agent(
-        &topo,
-        &cp,
-        Some(&valid_token(&cp)),
-        Datapath::Userspace,
-        &scratch,
-    );
+    let mut agent = start_agent(topo, cp, Some(&valid_token(cp)), dp, &scratch);
     agent.wait_ready(Duration::from_secs(20)).await;
-    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    assert_eq!(flow_endpoint(topo, &taps, SNI_A).await, tap_a());
+    (rev, taps, scratch, agent)
+}
+
+async fn nack_keeps_old_routes_then_update_adds_sni() {
+    let topo = Topology::new();
+    let cp = control_plane(&topo).await;
+    let (_rev, taps, _scratch, agent) = agent_on_one_route(&topo, &cp, Datapath::Userspace).await;
 
     // A listener with a field the agent does not implement (per_connection_buffer_limit_bytes,
     // #5) that also adds SNI B: NACKed whole, A keeps working, B stays unknown.
@@ -588,22 +593,7 @@ async fn nack_keeps_old_routes_then_an_update_adds_an_sni() {
 async fn cp_outage() {
     let topo = Topology::new();
     let cp = control_plane(&topo).await;
-    let _rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
-    let taps = taps(&topo).await;
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    cp.cp.push(xds_build::encode(
-        &simple_snapshot(&[(SNI_A, tap_a())]),
-        None,
-    ));
-    let mut agent = start_agent(
-        &topo,
-        &cp,
-        Some(&valid_token(&cp)),
-        Datapath::Auto,
-        &scratch,
-    );
-    agent.wait_ready(Duration::from_secs(20)).await;
-    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    let (_rev, taps, _scratch, mut agent) = agent_on_one_route(&topo, &cp, Datapath::Auto).await;
 
     // The CP dies: traffic goes on, the agent says it is disconnected.
     cp.cp.stop();
@@ -907,22 +897,7 @@ async fn bootstrap_404_is_retried_and_422_is_final() {
 async fn cp_upgrade() {
     let topo = Topology::new();
     let cp = control_plane(&topo).await;
-    let _rev = OpensslRevServer::start(&topo.backend, REV_PORT).await;
-    let taps = taps(&topo).await;
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    cp.cp.push(xds_build::encode(
-        &simple_snapshot(&[(SNI_A, tap_a())]),
-        None,
-    ));
-    let mut old = start_agent(
-        &topo,
-        &cp,
-        Some(&valid_token(&cp)),
-        Datapath::Sockmap,
-        &scratch,
-    );
-    old.wait_ready(Duration::from_secs(20)).await;
-    assert_eq!(flow_endpoint(&topo, &taps, SNI_A).await, tap_a());
+    let (_rev, taps, _scratch, mut old) = agent_on_one_route(&topo, &cp, Datapath::Sockmap).await;
     let streams = cp.cp.streams_opened();
 
     let mut new = old.upgrade();
