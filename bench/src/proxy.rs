@@ -17,6 +17,9 @@ use crate::sys;
 
 /// The port the backend listens on (every interface of the backend namespace).
 pub const BACKEND_PORT: u16 = 8443;
+/// Connections each peer proxy accepts (the idle workload holds 10 000 flows, each two connections for
+/// nginx's `worker_connections`); the agent has no such limit, only the RLIMIT_NOFILE it inherits.
+pub const MAX_CONN: usize = 30_000;
 /// The nginx stream module, from Debian's `libnginx-mod-stream`.
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
@@ -102,8 +105,8 @@ fn haproxy_config(threads: usize, splice: bool) -> String {
         "# splice off (--haproxy-no-splice)"
     };
     format!(
-        "global\n    nbthread {threads}\n    maxconn 4096\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
+        "global\n    nbthread {threads}\n    maxconn {MAX_CONN}\n\n\
+         defaults\n    mode tcp\n    maxconn {MAX_CONN}\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
          {splice}\n\n\
          frontend zi_bench\n    bind {listen}\n    tcp-request inspect-delay 5s\n    \
          tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    \
@@ -118,9 +121,9 @@ fn nginx_config(dir: &Path) -> String {
     let d = dir.display();
     format!(
         "load_module {NGINX_STREAM_MODULE};\n\
-         daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 65536;\n\
+         daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile {nofile};\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\n\
-         events {{\n    worker_connections 30000;\n}}\n\n\
+         events {{\n    worker_connections {MAX_CONN};\n}}\n\n\
          stream {{\n    map $ssl_preread_server_name $zi_upstream {{\n        {SNI_BACKEND} {target};\n        \
          default 127.0.0.1:9;\n    }}\n    server {{\n        listen {listen} backlog=4096;\n        \
          ssl_preread on;\n        preread_timeout 5s;\n        proxy_pass $zi_upstream;\n        \
@@ -128,6 +131,7 @@ fn nginx_config(dir: &Path) -> String {
          proxy_timeout 60s;\n    }}\n}}\n",
         listen = ingress_listen(),
         target = backend_target(),
+        nofile = 2 * MAX_CONN + 1024,
     )
 }
 

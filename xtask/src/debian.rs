@@ -30,6 +30,18 @@ pub fn ensure(packages: &[(&str, &str)]) -> Result<()> {
         .filter(|(cmd, _)| !have_command(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    install(&missing)
+}
+
+/// Installs `package` when `file` (something the package ships) is missing.
+pub fn ensure_file(file: &str, package: &str) -> Result<()> {
+    if std::path::Path::new(file).is_file() {
+        return Ok(());
+    }
+    install(&[package])
+}
+
+fn install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
