@@ -44,6 +44,15 @@ const DIRECT_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 231, 3, 2);
 /// RLIMIT_NOFILE for this process and the proxies it starts: the idle workload's 10 000 flows are 20 000
 /// sockets here (client and backend ends) and 20 000 in the proxy.
 const NOFILE: u64 = 1 << 17;
+/// Descriptors kept free of the idle flows (listeners, BPF objects, logs, the runtime).
+const NOFILE_RESERVE: u64 = 512;
+
+/// The idle flows that fit `nofile` descriptors: each flow is two sockets in this process (client and
+/// backend ends) and two in the proxy, whose limit is the same (inherited, or nginx's and HAProxy's own).
+fn idle_flows(wanted: usize, nofile: u64) -> usize {
+    let fit = nofile.saturating_sub(NOFILE_RESERVE) / 2;
+    wanted.min(usize::try_from(fit).unwrap_or(usize::MAX))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Workload {
@@ -177,6 +186,10 @@ struct Cfg {
     rpc_flows: usize,
     connect_parallel: usize,
     idle_flows: usize,
+    /// What was asked for; more than `idle_flows` when the open-file limit capped it.
+    idle_flows_wanted: usize,
+    /// RLIMIT_NOFILE in force for this process and the proxies.
+    nofile: u64,
     idle_hold: Duration,
     sha_up: [u8; 32],
     sha_down: [u8; 32],
@@ -306,7 +319,7 @@ fn run(args: Args) -> Result<()> {
         };
     sys::sweep_stale();
     // idle: this process holds both TLS ends of every flow, and the proxies inherit the limit.
-    sys::raise_nofile(NOFILE)?;
+    let nofile = sys::raise_nofile(NOFILE).context("raise RLIMIT_NOFILE")?;
 
     let mib = 1u64 << 20;
     let bulk_bytes = args
@@ -331,6 +344,7 @@ fn run(args: Args) -> Result<()> {
             agent_bin: agent_bin.clone(),
             cpu: proxy_cpu,
             haproxy_splice: !args.haproxy_no_splice,
+            nofile,
         },
         loadgen_cpu,
         bulk_bytes,
@@ -339,15 +353,28 @@ fn run(args: Args) -> Result<()> {
         duration,
         rpc_flows: args.rpc_flows,
         connect_parallel: args.connect_parallel,
-        idle_flows: args
+        idle_flows: idle_flows(
+            args.idle_flows
+                .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
+            nofile,
+        ),
+        idle_flows_wanted: args
             .idle_flows
             .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
+        nofile,
         idle_hold: Duration::from_secs_f64(args.idle_hold.max(0.0)),
         sha_up: sha_of(has(Workload::Bulk), bulk_bytes, load::SEED_UP),
         sha_down: sha_of(has(Workload::Bulk), bulk_bytes, load::SEED_DOWN),
         sha_paced: sha_of(has(Workload::Paced), paced_bytes, load::SEED_PACED),
     });
     let _ = Pki::get();
+    if cfg.idle_flows < cfg.idle_flows_wanted && workloads.contains(&Workload::Idle) {
+        eprintln!(
+            "bench: idle holds {} flows, not {}: the open-file limit is {} and cannot be raised here \
+             (no CAP_SYS_RESOURCE)",
+            cfg.idle_flows, cfg.idle_flows_wanted, cfg.nofile
+        );
+    }
 
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -844,10 +871,15 @@ fn markdown(
         cfg.rpc_flows,
         cfg.connect_parallel,
         cfg.idle_flows,
-        if cfg.idle_flows < 10_000 {
-            " (fewer than the 10 000 of a full run)"
+        if cfg.idle_flows < cfg.idle_flows_wanted {
+            format!(
+                " (capped from {} by the open-file limit of {}: no CAP_SYS_RESOURCE to raise it)",
+                cfg.idle_flows_wanted, cfg.nofile
+            )
+        } else if cfg.idle_flows < 10_000 {
+            " (fewer than the 10 000 of a full run)".to_string()
         } else {
-            ""
+            String::new()
         },
         cfg.idle_hold.as_secs_f64(),
         args.reps
@@ -916,8 +948,9 @@ fn markdown(
          pages (/proc/net/sockstat), over N. The kernel figure is machine-wide, so it holds the client's and the \
          backend's sockets too: `direct` (two sockets per flow) is that floor, a proxy adds two more sockets and \
          its own state. Then every flow closes (EOF both ways) and the proxy's namespace must be back to its TCP \
-         socket count within 30 s; the RLIMIT_NOFILE of the benchmark and the proxies is raised to 131072, \
-         HAProxy's `maxconn` and nginx's `worker_connections` to 30 000.",
+         socket count within 30 s. The benchmark raises RLIMIT_NOFILE (inherited by the agent) to 131072 when it \
+         may, else to the hard limit, and holds fewer flows if they would not fit; HAProxy's `maxconn` and \
+         nginx's `worker_connections` are 30 000.",
     ] {
         let _ = writeln!(s, "- {line}");
     }
@@ -928,4 +961,38 @@ fn markdown(
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_flows_fit_the_open_file_limit() {
+        assert_eq!(idle_flows(10_000, NOFILE), 10_000);
+        assert_eq!(idle_flows(10_000, 20_000), 9_744);
+        assert_eq!(idle_flows(2_000, 20_000), 2_000);
+        assert_eq!(idle_flows(10_000, 100), 0);
+    }
+
+    #[test]
+    fn lever_log_is_included_verbatim_and_links_are_relative() {
+        let log = "| lever | effect |\n|---|---|\n| SO_RCVBUF | none |\n";
+        let md = levers_markdown(log);
+        assert!(
+            md.starts_with("\n## Levers tried on the kernel path\n"),
+            "{md}"
+        );
+        assert!(md.contains(log.trim_end()), "{md}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let charts = dir.path().join("bench/charts");
+        std::fs::create_dir_all(&charts).expect("mkdir");
+        let png = charts.join("bulk.png");
+        std::fs::write(&png, b"x").expect("write");
+        assert_eq!(relative_link(dir.path(), &png), "bench/charts/bulk.png");
+        assert_eq!(
+            relative_link(&charts.join("elsewhere"), &png),
+            std::fs::canonicalize(&png).unwrap().display().to_string()
+        );
+    }
 }

@@ -220,9 +220,10 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "?".to_string())
 }
 
-/// Sets RLIMIT_NOFILE (soft and hard) to at least `n`; children inherit it. Raising the hard limit needs
-/// root (CAP_SYS_RESOURCE), which the benchmark has.
-pub fn raise_nofile(n: u64) -> anyhow::Result<()> {
+/// Raises RLIMIT_NOFILE (soft and hard) to `n` when allowed; children inherit it. Raising the hard limit
+/// needs CAP_SYS_RESOURCE, which a container's root may lack: then the soft limit goes up to the hard one.
+/// Returns the soft limit now in force.
+pub fn raise_nofile(n: u64) -> std::io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -230,20 +231,22 @@ pub fn raise_nofile(n: u64) -> anyhow::Result<()> {
     // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error().into());
+            return Err(std::io::Error::last_os_error());
         }
-        if lim.rlim_cur >= n && lim.rlim_max >= n {
-            return Ok(());
+        if lim.rlim_cur >= n {
+            return Ok(lim.rlim_cur);
         }
-        lim.rlim_cur = lim.rlim_cur.max(n);
-        lim.rlim_max = lim.rlim_max.max(n);
+        let want = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: lim.rlim_max.max(n),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return Ok(n);
+        }
+        lim.rlim_cur = lim.rlim_max;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            let e = std::io::Error::last_os_error();
-            anyhow::bail!(
-                "could not raise the open-file limit to {n} ({e}): the idle workload holds tens of thousands of \
-                 sockets; run as root, or check fs.nr_open"
-            );
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(lim.rlim_cur)
     }
-    Ok(())
 }
