@@ -29,6 +29,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "--release",
             "-p",
             "zone-ingress-bench",
+            "--bin",
+            "zone-ingress-bench",
             "--",
         ])
         .arg("--agent")
