@@ -109,6 +109,38 @@ fn sample(proxy: Option<u32>) -> Result<MemSample> {
     })
 }
 
+/// Readings per memory sample, and their spacing: the kernel figures are machine-wide, so another
+/// process's burst (a test moving bulk data on the same host) moves one reading; the median of several
+/// taken over a second does not follow it.
+const READINGS: usize = 5;
+const READING_EVERY: Duration = Duration::from_millis(250);
+
+/// Field-by-field median of `readings`.
+pub fn median_sample(readings: &[MemSample]) -> MemSample {
+    let med = |f: fn(&MemSample) -> u64| {
+        let mut v: Vec<u64> = readings.iter().map(f).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    MemSample {
+        rss_kib: med(|s| s.rss_kib),
+        sunreclaim_kib: med(|s| s.sunreclaim_kib),
+        tcp_mem_pages: med(|s| s.tcp_mem_pages),
+    }
+}
+
+/// [`READINGS`] readings [`READING_EVERY`] apart, reduced to their median.
+async fn steady_sample(proxy: Option<u32>) -> Result<MemSample> {
+    let mut readings = Vec::with_capacity(READINGS);
+    for i in 0..READINGS {
+        if i > 0 {
+            tokio::time::sleep(READING_EVERY).await;
+        }
+        readings.push(sample(proxy)?);
+    }
+    Ok(median_sample(&readings))
+}
+
 /// TCP sockets in use in the namespace whose sockstat is at `path`.
 fn tcp_inuse(path: &str) -> Result<u64> {
     sockstat_field(&read(path)?, "TCP:", "inuse").with_context(|| format!("no TCP inuse in {path}"))
@@ -186,7 +218,7 @@ pub async fn idle(ctx: ClientCtx, flows: usize, hold: Duration) -> Result<Measur
     // Sockets each flow holds in that namespace: the proxy's two, or the client's one.
     let per_flow_sockets = if ctx.proxy_pid.is_some() { 2 } else { 1 };
     let inuse0 = tcp_inuse(&sockstat)?;
-    let before = sample(ctx.proxy_pid)?;
+    let before = steady_sample(ctx.proxy_pid).await?;
 
     let mut req = vec![0u8; RPC_SIZE];
     Prng::new(44).fill(&mut req);
@@ -232,9 +264,10 @@ pub async fn idle(ctx: ClientCtx, flows: usize, hold: Duration) -> Result<Measur
     let open_secs = started.elapsed().as_secs_f64();
 
     ctx.progress.phase("holding idle flows", 0, Unit::Count);
-    tokio::time::sleep(hold).await;
+    // The readings take the last second or so of the hold.
+    tokio::time::sleep(hold.saturating_sub(READING_EVERY * READINGS as u32)).await;
+    let held = steady_sample(ctx.proxy_pid).await?;
     let inuse_held = tcp_inuse(&sockstat)?;
-    let held = sample(ctx.proxy_pid)?;
     let expect = inuse0 + per_flow_sockets * flows as u64;
     if inuse_held < expect {
         set.abort_all();
@@ -345,6 +378,23 @@ mod tests {
             ..before
         };
         assert_eq!(PerFlow::between(before, shrunk, 1000, 4.0).slab_kib, -1.0);
+    }
+
+    #[test]
+    fn a_burst_in_one_reading_does_not_move_the_sample() {
+        let r = |rss, slab, tcp| MemSample {
+            rss_kib: rss,
+            sunreclaim_kib: slab,
+            tcp_mem_pages: tcp,
+        };
+        let readings = [
+            r(100, 5000, 10),
+            r(101, 5002, 900),
+            r(100, 5001, 11),
+            r(102, 9000, 12),
+            r(100, 5001, 10),
+        ];
+        assert_eq!(median_sample(&readings), r(100, 5001, 11));
     }
 
     #[test]

@@ -945,12 +945,13 @@ fn markdown(
          also drains the server's session tickets), then held idle; after the hold, proxy RSS per flow = growth \
          of VmRSS of the proxy and its children (nginx's workers) since before the first flow, over N; kernel \
          memory per flow = growth of `SUnreclaim` (/proc/meminfo: sockets, skbs, BPF socket state) plus `TCP mem` \
-         pages (/proc/net/sockstat), over N. The kernel figure is machine-wide, so it holds the client's and the \
+         pages (/proc/net/sockstat), over N; each memory figure is the median of 5 readings over about \
+         a second, before the first flow and at the end of the hold. The kernel figure is machine-wide, so it holds the client's and the \
          backend's sockets too: `direct` (two sockets per flow) is that floor, a proxy adds two more sockets and \
          its own state. Then every flow closes (EOF both ways) and the proxy's namespace must be back to its TCP \
          socket count within 30 s. The benchmark raises RLIMIT_NOFILE (inherited by the agent) to 131072 when it \
-         may, else to the hard limit, and holds fewer flows if they would not fit; HAProxy's `maxconn` and \
-         nginx's `worker_connections` are 30 000.",
+         may, else to the hard limit, and holds fewer flows if they would not fit; HAProxy's `maxconn` (with \
+         `maxpipes 128`) and nginx's `worker_connections` are sized to that limit (30 000 flows at most).",
     ] {
         let _ = writeln!(s, "- {line}");
     }

@@ -17,7 +17,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     debian::ensure(debian::TEST_PACKAGES)?;
     // The charts' text is drawn with DejaVu Sans (read from this package, never through fontconfig).
-    debian::ensure_file(FONT_FILE, "fonts-dejavu-core")?;
+    debian::ensure_file(debian::CHART_FONT, "fonts-dejavu-core")?;
     let agent = build::build_all()?;
     let root = workspace_root();
     step(&format!("zone-ingress-bench {}", args.join(" ")));
@@ -53,9 +53,6 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     Ok(())
 }
-
-/// The font the benchmark's charts use (Debian's fonts-dejavu-core).
-const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// zone-ingress-bench's arguments from `cargo xtask bench [--quick] [--out DIR] [REST...]`. A `--` in
 /// REST (the older spelling `cargo xtask bench -- --quick`) is dropped: everything is for the bench.

@@ -15,6 +15,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// The font the benchmark's charts draw text with (fonts-dejavu-core; bench/src/chart.rs reads it).
+pub const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 
 pub fn have_command(cmd: &str) -> bool {
