@@ -16,6 +16,7 @@ use zone_ingress_tests::pki::SNI_BACKEND;
 use zone_ingress_tests::tls;
 use zone_ingress_tests::wire::Prng;
 
+use crate::progress::{Progress, Unit};
 use crate::sys;
 
 /// Chunk size of the PRNG streams; must match `tls::prng_sha` (64 KiB) so precomputed hashes match.
@@ -118,8 +119,8 @@ async fn serve_conn(
     match mode {
         ServerMode::Bulk { send } => {
             let (mut r, mut w) = tokio::io::split(tls);
-            let (rd, wr) = tokio::join!(recv_hash(&mut r), async {
-                send_stream(&mut w, send, SEED_DOWN, None).await?;
+            let (rd, wr) = tokio::join!(recv_hash(&mut r, None), async {
+                send_stream(&mut w, send, SEED_DOWN, None, None).await?;
                 w.shutdown().await
             });
             let (received, sha) = match rd {
@@ -134,7 +135,7 @@ async fn serve_conn(
         }
         ServerMode::Sink => {
             let mut tls = tls;
-            let (received, sha) = match recv_hash(&mut tls).await {
+            let (received, sha) = match recv_hash(&mut tls, None).await {
                 Ok(v) => v,
                 Err(e) => return fail("read", e),
             };
@@ -181,6 +182,7 @@ async fn send_stream<W: AsyncWrite + Unpin>(
     n: u64,
     seed: u64,
     rate: Option<f64>,
+    progress: Option<&Progress>,
 ) -> io::Result<()> {
     let mut prng = Prng::new(seed);
     let mut buf = vec![0u8; CHUNK];
@@ -191,6 +193,9 @@ async fn send_stream<W: AsyncWrite + Unpin>(
         prng.fill(&mut buf[..len]);
         w.write_all(&buf[..len]).await?;
         sent += len as u64;
+        if let Some(p) = progress {
+            p.add(len as u64);
+        }
         if let Some(rate) = rate {
             let due = start + Duration::from_secs_f64(sent as f64 / rate);
             if due > tokio::time::Instant::now() {
@@ -202,7 +207,10 @@ async fn send_stream<W: AsyncWrite + Unpin>(
 }
 
 /// Reads to EOF hashing; on an error, the error says how many bytes had arrived before it.
-async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, [u8; 32])> {
+async fn recv_hash<R: AsyncRead + Unpin>(
+    r: &mut R,
+    progress: Option<&Progress>,
+) -> io::Result<(u64, [u8; 32])> {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -212,6 +220,9 @@ async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, [u8; 32]
             Ok(n) => {
                 hash.update(&buf[..n]);
                 total += n as u64;
+                if let Some(p) = progress {
+                    p.add(n as u64);
+                }
             }
             Err(e) => {
                 return Err(io::Error::new(
@@ -228,7 +239,7 @@ pub fn expected_sha(n: u64, seed: u64) -> [u8; 32] {
     tls::prng_sha(n, seed)
 }
 
-async fn connect_tls(target: SocketAddr) -> io::Result<TlsStream<TcpStream>> {
+pub async fn connect_tls(target: SocketAddr) -> io::Result<TlsStream<TcpStream>> {
     let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target}")))??;
@@ -248,6 +259,8 @@ pub struct ClientCtx {
     pub proxy_pid: Option<u32>,
     /// Bound for the whole workload.
     pub limit: Duration,
+    /// Where the workload reports how far it is.
+    pub progress: Progress,
 }
 
 impl ClientCtx {
@@ -300,13 +313,15 @@ pub async fn bulk(
     let s = connect_tls(ctx.target).await?;
     let (mut r, mut w) = tokio::io::split(s);
     let start = Instant::now();
+    let prog = ctx.progress.clone();
+    prog.phase("transfer (both ways)", 2 * n, Unit::Bytes);
     let (sent, got) = tokio::time::timeout(ctx.limit, async {
         tokio::join!(
             async {
-                send_stream(&mut w, n, SEED_UP, None).await?;
+                send_stream(&mut w, n, SEED_UP, None, Some(&prog)).await?;
                 w.shutdown().await
             },
-            recv_hash(&mut r)
+            recv_hash(&mut r, Some(&prog))
         )
     })
     .await
@@ -352,8 +367,9 @@ pub async fn paced(
     let proxy0 = ctx.proxy_pid.map(sys::tree_ticks);
     let machine0 = sys::machine_busy_ticks();
     let start = Instant::now();
+    ctx.progress.phase("paced send", n, Unit::Bytes);
     tokio::time::timeout(ctx.limit, async {
-        send_stream(&mut w, n, SEED_PACED, Some(rate)).await?;
+        send_stream(&mut w, n, SEED_PACED, Some(rate), Some(&ctx.progress)).await?;
         w.shutdown().await
     })
     .await
@@ -406,9 +422,13 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 /// `duration`; requests/s and latency percentiles (microseconds).
 pub async fn rpc(ctx: ClientCtx, flows: usize, duration: Duration) -> anyhow::Result<Measured> {
     let mut streams = Vec::with_capacity(flows);
+    ctx.progress
+        .phase("opening flows", flows as u64, Unit::Count);
     for _ in 0..flows {
         streams.push(connect_tls(ctx.target).await?);
+        ctx.progress.add(1);
     }
+    ctx.progress.phase("requests", 0, Unit::Count);
     let mut req = vec![0u8; RPC_SIZE];
     Prng::new(42).fill(&mut req);
     let start = Instant::now();
@@ -416,6 +436,7 @@ pub async fn rpc(ctx: ClientCtx, flows: usize, duration: Duration) -> anyhow::Re
     let mut set = JoinSet::new();
     for mut s in streams {
         let req = req.clone();
+        let prog = ctx.progress.clone();
         set.spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut resp = vec![0u8; RPC_SIZE];
@@ -433,6 +454,7 @@ pub async fn rpc(ctx: ClientCtx, flows: usize, duration: Duration) -> anyhow::Re
                     Err(_) => return Err("rpc: no response within 10 s".to_string()),
                 }
                 lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                prog.add(1);
                 if resp != req {
                     return Err("rpc: the response differs from the request".to_string());
                 }
@@ -502,14 +524,19 @@ pub async fn connect(
     let start = Instant::now();
     let deadline = start + duration;
     let mut set = JoinSet::new();
+    ctx.progress.phase("connections", 0, Unit::Count);
     for _ in 0..parallel {
         let req = req.clone();
         let target = ctx.target;
+        let prog = ctx.progress.clone();
         set.spawn(async move {
             let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
             while Instant::now() < deadline {
                 match connect_once(target, &req).await {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        prog.add(1);
+                    }
                     Err(e) => {
                         errors += 1;
                         first_error.get_or_insert_with(|| e.to_string());

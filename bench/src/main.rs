@@ -8,11 +8,15 @@
 //!
 //! Needs root (namespaces, BPF). See `--help`.
 
+mod chart;
 mod guard;
+mod idle;
 mod load;
+mod progress;
 mod proxy;
 mod report;
 mod sys;
+mod targets;
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,12 +34,25 @@ use zone_ingress_tests::pki::Pki;
 use zone_ingress_tests::wire::Prng;
 
 use crate::load::{ClientCtx, Measured, ServerMode};
+use crate::progress::Progress;
 use crate::proxy::{ALL_PATHS, BACKEND_PORT, NGINX_STREAM_MODULE, PathKind, Proxy, ProxySettings};
 use crate::report::Samples;
 
 /// The client <-> backend link of the `direct` path.
 const DIRECT_CLIENT: &str = "10.231.3.1/24";
 const DIRECT_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 231, 3, 2);
+/// RLIMIT_NOFILE for this process and the proxies it starts: the idle workload's 10 000 flows are 20 000
+/// sockets here (client and backend ends) and 20 000 in the proxy.
+const NOFILE: u64 = 1 << 17;
+/// Descriptors kept free of the idle flows (listeners, BPF objects, logs, the runtime).
+const NOFILE_RESERVE: u64 = 512;
+
+/// The idle flows that fit `nofile` descriptors: each flow is two sockets in this process (client and
+/// backend ends) and two in the proxy, whose limit is the same (inherited, or nginx's and HAProxy's own).
+fn idle_flows(wanted: usize, nofile: u64) -> usize {
+    let fit = nofile.saturating_sub(NOFILE_RESERVE) / 2;
+    wanted.min(usize::try_from(fit).unwrap_or(usize::MAX))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Workload {
@@ -43,13 +60,15 @@ pub enum Workload {
     Paced,
     Rpc,
     Connect,
+    Idle,
 }
 
-const ALL_WORKLOADS: [Workload; 4] = [
+const ALL_WORKLOADS: [Workload; 5] = [
     Workload::Bulk,
     Workload::Paced,
     Workload::Rpc,
     Workload::Connect,
+    Workload::Idle,
 ];
 
 impl Workload {
@@ -59,6 +78,7 @@ impl Workload {
             Workload::Paced => "paced",
             Workload::Rpc => "rpc",
             Workload::Connect => "connect",
+            Workload::Idle => "idle",
         }
     }
 
@@ -74,10 +94,11 @@ impl Workload {
     version
 )]
 struct Args {
-    /// Small sizes so the whole run takes a few minutes (bulk and paced 256 MiB, rpc and connect 3 s).
+    /// Small sizes so the whole run takes a few minutes (bulk and paced 256 MiB, rpc and connect 3 s,
+    /// idle 2 000 flows).
     #[arg(long)]
     quick: bool,
-    /// Where results.json goes.
+    /// Where results.json and the charts (<workload>.png) go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// The agent binary (default: <workspace>/target/release/zone-ingress).
@@ -86,13 +107,20 @@ struct Args {
     /// Also write this Markdown report (xtask passes <repo>/BENCHMARKS.md).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Copy the charts here too, for the Markdown report to link (xtask passes <repo>/bench/charts).
+    #[arg(long, requires = "markdown")]
+    charts_dir: Option<PathBuf>,
+    /// The lever log to include in the Markdown report when the file exists (xtask passes
+    /// <repo>/bench/levers.md).
+    #[arg(long)]
+    levers: Option<PathBuf>,
     /// Repetitions of every path x workload (at least 3 for a median with a range).
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Paths to run, comma-separated: direct,sockmap,userspace,haproxy,nginx (default: all).
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
-    /// Workloads to run, comma-separated: bulk,paced,rpc,connect (default: all).
+    /// Workloads to run, comma-separated: bulk,paced,rpc,connect,idle (default: all).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// bulk: bytes each way (default 2 GiB, --quick 256 MiB).
@@ -113,6 +141,12 @@ struct Args {
     /// connect: connections in parallel.
     #[arg(long, default_value_t = 64)]
     connect_parallel: usize,
+    /// idle: established idle flows held at once (default 10 000, --quick 2 000).
+    #[arg(long)]
+    idle_flows: Option<usize>,
+    /// idle: seconds the flows are held idle before memory is sampled.
+    #[arg(long, default_value_t = 3.0)]
+    idle_hold: f64,
     /// Do not pin the load generator and the proxy to different CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -151,6 +185,12 @@ struct Cfg {
     duration: Duration,
     rpc_flows: usize,
     connect_parallel: usize,
+    idle_flows: usize,
+    /// What was asked for; more than `idle_flows` when the open-file limit capped it.
+    idle_flows_wanted: usize,
+    /// RLIMIT_NOFILE in force for this process and the proxies.
+    nofile: u64,
+    idle_hold: Duration,
     sha_up: [u8; 32],
     sha_down: [u8; 32],
     sha_paced: [u8; 32],
@@ -166,6 +206,10 @@ impl Cfg {
                 Workload::Bulk => mb(self.bulk_bytes) / 10.0,
                 Workload::Paced => 2.0 * mb(self.paced_bytes) / self.paced_rate.max(1.0),
                 Workload::Rpc | Workload::Connect => self.duration.as_secs_f64(),
+                // At worst 50 flows/s opened, and as long again to close them.
+                Workload::Idle => {
+                    2.0 * self.idle_flows as f64 / 50.0 + self.idle_hold.as_secs_f64()
+                }
             },
         )
     }
@@ -213,6 +257,9 @@ fn ensure_packages(paths: &[PathKind], nft: bool, no_install: bool) -> Result<()
         if !Path::new(NGINX_STREAM_MODULE).is_file() {
             missing.push("libnginx-mod-stream");
         }
+    }
+    if !Path::new(chart::FONT_FILE).is_file() {
+        missing.push("fonts-dejavu-core");
     }
     if missing.is_empty() {
         return Ok(());
@@ -271,7 +318,8 @@ fn run(args: Args) -> Result<()> {
             (None, None)
         };
     sys::sweep_stale();
-    zone_ingress_tests::raise_nofile_limit();
+    // idle: this process holds both TLS ends of every flow, and the proxies inherit the limit.
+    let nofile = sys::raise_nofile(NOFILE).context("raise RLIMIT_NOFILE")?;
 
     let mib = 1u64 << 20;
     let bulk_bytes = args
@@ -296,6 +344,7 @@ fn run(args: Args) -> Result<()> {
             agent_bin: agent_bin.clone(),
             cpu: proxy_cpu,
             haproxy_splice: !args.haproxy_no_splice,
+            nofile,
         },
         loadgen_cpu,
         bulk_bytes,
@@ -304,11 +353,28 @@ fn run(args: Args) -> Result<()> {
         duration,
         rpc_flows: args.rpc_flows,
         connect_parallel: args.connect_parallel,
+        idle_flows: idle_flows(
+            args.idle_flows
+                .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
+            nofile,
+        ),
+        idle_flows_wanted: args
+            .idle_flows
+            .unwrap_or(if args.quick { 2_000 } else { 10_000 }),
+        nofile,
+        idle_hold: Duration::from_secs_f64(args.idle_hold.max(0.0)),
         sha_up: sha_of(has(Workload::Bulk), bulk_bytes, load::SEED_UP),
         sha_down: sha_of(has(Workload::Bulk), bulk_bytes, load::SEED_DOWN),
         sha_paced: sha_of(has(Workload::Paced), paced_bytes, load::SEED_PACED),
     });
     let _ = Pki::get();
+    if cfg.idle_flows < cfg.idle_flows_wanted && workloads.contains(&Workload::Idle) {
+        eprintln!(
+            "bench: idle holds {} flows, not {}: the open-file limit is {} and cannot be raised here \
+             (no CAP_SYS_RESOURCE)",
+            cfg.idle_flows, cfg.idle_flows_wanted, cfg.nofile
+        );
+    }
 
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -352,19 +418,62 @@ fn run(args: Args) -> Result<()> {
     for n in notes.iter().chain(&failures) {
         println!("note: {n}");
     }
+    let outcomes = targets::evaluate(&records);
+    println!("\ntargets (sockmap / peer, medians of this run):");
+    print!("{}", targets::render_text(&outcomes));
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let json = args.out.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&records)? + "\n")
         .with_context(|| format!("write {}", json.display()))?;
     eprintln!("bench: wrote {}", json.display());
+    let subtitle = format!(
+        "{} repetitions{}",
+        args.reps,
+        if args.quick { ", --quick" } else { "" }
+    );
+    let charts = chart::write_all(&args.out, &records, &paths, &workloads, &subtitle)?;
+    for c in &charts {
+        eprintln!("bench: wrote {}", c.display());
+    }
+    // Copies next to the Markdown report, where a link to them works on GitHub too.
+    let mut linked = Vec::new();
+    if let Some(dir) = &args.charts_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        for c in &charts {
+            let to = dir.join(c.file_name().context("a chart file has a name")?);
+            std::fs::copy(c, &to)
+                .with_context(|| format!("copy {} to {}", c.display(), to.display()))?;
+            linked.push(to);
+        }
+    } else {
+        linked.clone_from(&charts);
+    }
     if !guard_runs.is_empty() {
         report_guard_drop(&args.out, &guard_runs, &[])?;
     }
     if let Some(md) = &args.markdown {
-        let mut text = markdown(&args, &cfg, &rows, &notes, &failures, seed);
+        let md_dir = md.parent().unwrap_or(Path::new("."));
+        let levers = match &args.levers {
+            Some(p) if p.is_file() => {
+                Some(std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?)
+            }
+            _ => None,
+        };
+        let extra = Extra {
+            outcomes: &outcomes,
+            charts: &linked
+                .iter()
+                .map(|c| relative_link(md_dir, c))
+                .collect::<Vec<_>>(),
+            levers: levers.as_deref(),
+        };
+        let mut text = markdown(&args, &cfg, &rows, &notes, &failures, seed, &extra);
         if !guard_runs.is_empty() {
             text.push_str(&guard_markdown(&guard_runs, guard_secs));
+        }
+        if let Some(levers) = extra.levers {
+            text.push_str(&levers_markdown(levers));
         }
         std::fs::write(md, text).with_context(|| format!("write {}", md.display()))?;
         eprintln!("bench: wrote {}", md.display());
@@ -429,14 +538,25 @@ async fn run_all(
     let mut rng = Prng::new(seed);
     let mut samples = Samples::default();
     let (mut notes, mut failures) = (Vec::new(), Vec::new());
+    let progress = Progress::default();
+    let (stop_ticker, stop_rx) = oneshot::channel();
+    let ticker = tokio::spawn(progress.clone().ticker(stop_rx));
+    let total = reps * workloads.len() * paths.len();
+    let mut run = 0;
     for rep in 1..=reps {
         for &wl in workloads {
             let mut order = paths.to_vec();
             shuffle(&mut order, &mut rng);
             for path in order {
+                run += 1;
+                progress.start_run(format!(
+                    "[run {run}/{total}, rep {rep}/{reps}] {} {path}",
+                    wl.as_str()
+                ));
                 let t = Instant::now();
-                let res = guarded(cfg.clone(), path, wl).await;
+                let res = guarded(cfg.clone(), path, wl, progress.clone()).await;
                 let secs = t.elapsed().as_secs_f64();
+                Progress::clear_line();
                 match res {
                     Ok(m) => {
                         let figs: Vec<String> = m
@@ -475,14 +595,21 @@ async fn run_all(
             }
         }
     }
+    let _ = stop_ticker.send(());
+    let _ = ticker.await;
     (samples, notes, failures)
 }
 
 /// Runs one path x workload on its own task, bounded in time; a panic or a time-out is a failed run, and
 /// the run's guards (proxy, namespaces, pins) are dropped either way.
-async fn guarded(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured> {
+async fn guarded(
+    cfg: Arc<Cfg>,
+    path: PathKind,
+    wl: Workload,
+    progress: Progress,
+) -> Result<Measured> {
     let limit = cfg.limit(wl);
-    let mut task = tokio::spawn(run_one(cfg, path, wl));
+    let mut task = tokio::spawn(run_one(cfg, path, wl, progress));
     match tokio::time::timeout(limit, &mut task).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) if e.is_panic() => {
@@ -511,7 +638,12 @@ fn set_sysctl(key: &str, value: &str) {
     }
 }
 
-async fn run_one(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured> {
+async fn run_one(
+    cfg: Arc<Cfg>,
+    path: PathKind,
+    wl: Workload,
+    progress: Progress,
+) -> Result<Measured> {
     let topo = Topology::new();
     // The direct path's own link: client 10.231.3.1 <-> backend 10.231.3.2.
     let (c, b) = (
@@ -563,7 +695,7 @@ async fn run_one(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured
             send: cfg.bulk_bytes,
         },
         Workload::Paced => ServerMode::Sink,
-        Workload::Rpc | Workload::Connect => ServerMode::Echo,
+        Workload::Rpc | Workload::Connect | Workload::Idle => ServerMode::Echo,
     };
     let backend = topo
         .backend
@@ -582,6 +714,7 @@ async fn run_one(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured
         reports: rep_rx,
         proxy_pid: proxy.as_ref().map(Proxy::pid),
         limit: cfg.limit(wl).saturating_sub(Duration::from_secs(20)),
+        progress,
     };
     let c2 = cfg.clone();
     let measured = topo
@@ -594,6 +727,7 @@ async fn run_one(cfg: Arc<Cfg>, path: PathKind, wl: Workload) -> Result<Measured
                 }
                 Workload::Rpc => load::rpc(ctx, c2.rpc_flows, c2.duration).await,
                 Workload::Connect => load::connect(ctx, c2.connect_parallel, c2.duration).await,
+                Workload::Idle => idle::idle(ctx, c2.idle_flows, c2.idle_hold).await,
             }
         })
         .await;
@@ -663,6 +797,33 @@ fn version_of(program: &str, arg: &str) -> String {
         .unwrap_or_else(|| "not installed".to_string())
 }
 
+/// What the Markdown report has beyond the table: the targets, the charts (links relative to the report)
+/// and the lever log.
+struct Extra<'a> {
+    outcomes: &'a [targets::Outcome],
+    charts: &'a [String],
+    levers: Option<&'a str>,
+}
+
+/// `to` as a link from a file in `from_dir`: relative when `to` is below `from_dir`, else absolute.
+fn relative_link(from_dir: &Path, to: &Path) -> String {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (from, to) = (abs(from_dir), abs(to));
+    to.strip_prefix(&from)
+        .unwrap_or(&to)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The lever log (bench/levers.md), verbatim under its own heading.
+fn levers_markdown(levers: &str) -> String {
+    format!(
+        "\n## Levers tried on the kernel path\n\nThe lever log, `bench/levers.md`, as it was when this report was \
+         generated:\n\n{}\n",
+        levers.trim_end()
+    )
+}
+
 fn markdown(
     args: &Args,
     cfg: &Cfg,
@@ -670,6 +831,7 @@ fn markdown(
     notes: &[String],
     failures: &[String],
     seed: u64,
+    extra: &Extra<'_>,
 ) -> String {
     let command = std::env::var("ZI_BENCH_COMMAND")
         .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
@@ -701,13 +863,25 @@ fn markdown(
     let _ = writeln!(
         s,
         "- Sizes: bulk {} MiB each way; paced {} MiB at {:.0} MB/s; rpc {} flows x 1 KiB request/response for {secs:.0} s; \
-         connect {} in parallel for {secs:.0} s; {} repetitions, paths in random order (seed {seed}) for every \
-         workload and repetition",
+         connect {} in parallel for {secs:.0} s; idle {} flows{} held {:.0} s; {} repetitions, paths in random \
+         order (seed {seed}) for every workload and repetition",
         mib(cfg.bulk_bytes),
         mib(cfg.paced_bytes),
         cfg.paced_rate / 1e6,
         cfg.rpc_flows,
         cfg.connect_parallel,
+        cfg.idle_flows,
+        if cfg.idle_flows < cfg.idle_flows_wanted {
+            format!(
+                " (capped from {} by the open-file limit of {}: no CAP_SYS_RESOURCE to raise it)",
+                cfg.idle_flows_wanted, cfg.nofile
+            )
+        } else if cfg.idle_flows < 10_000 {
+            " (fewer than the 10 000 of a full run)".to_string()
+        } else {
+            String::new()
+        },
+        cfg.idle_hold.as_secs_f64(),
         args.reps
     );
     let placement = match (cfg.loadgen_cpu, cfg.proxy.cpu) {
@@ -720,6 +894,26 @@ fn markdown(
     let _ = writeln!(s, "- CPU placement: {placement}\n");
     let _ = writeln!(s, "{}", report::render_markdown(rows));
     let _ = writeln!(s, "Cells: median [min-max] over the repetitions.\n");
+    let _ = writeln!(s, "## Targets\n");
+    let _ = writeln!(
+        s,
+        "The benchmark issue's targets for the kernel splice, as ratios of this run's medians \
+         (`sockmap` over the peer named):\n"
+    );
+    let _ = writeln!(s, "{}", targets::render_markdown(extra.outcomes));
+    if !extra.charts.is_empty() {
+        let _ = writeln!(s, "## Charts\n");
+        let _ = writeln!(
+            s,
+            "Bars: medians; whiskers: min to max over the repetitions.\n"
+        );
+        for c in extra.charts {
+            let name = Path::new(c)
+                .file_stem()
+                .map_or_else(|| c.clone(), |n| n.to_string_lossy().into_owned());
+            let _ = writeln!(s, "![{name}]({c})\n");
+        }
+    }
     let _ = writeln!(s, "## How it is measured\n");
     for line in [
         "Every run: three fresh network namespaces (client, ingress, backend) joined by veth pairs, plus a \
@@ -747,7 +941,17 @@ fn markdown(
          it happens); `--haproxy-no-splice` runs it without splice.",
         "Machine-wide CPU counts everything on the host, including other work running at the same time: on a \
          shared 2-CPU VM the ranges are wide; compare paths within one run, not across runs.",
-        "Not yet: `idle` (10 000 idle flows, memory), PNG charts.",
+        "idle: N flows opened (64 handshakes at a time), each with its mTLS handshake and one 1 KiB echo (which \
+         also drains the server's session tickets), then held idle; after the hold, proxy RSS per flow = growth \
+         of VmRSS of the proxy and its children (nginx's workers) since before the first flow, over N; kernel \
+         memory per flow = growth of `SUnreclaim` (/proc/meminfo: sockets, skbs, BPF socket state) plus `TCP mem` \
+         pages (/proc/net/sockstat), over N; each memory figure is the median of 5 readings over about \
+         a second, before the first flow and at the end of the hold. The kernel figure is machine-wide, so it holds the client's and the \
+         backend's sockets too: `direct` (two sockets per flow) is that floor, a proxy adds two more sockets and \
+         its own state. Then every flow closes (EOF both ways) and the proxy's namespace must be back to its TCP \
+         socket count within 30 s. The benchmark raises RLIMIT_NOFILE (inherited by the agent) to 131072 when it \
+         may, else to the hard limit, and holds fewer flows if they would not fit; HAProxy's `maxconn` (with \
+         `maxpipes 128`) and nginx's `worker_connections` are sized to that limit (30 000 flows at most).",
     ] {
         let _ = writeln!(s, "- {line}");
     }
@@ -758,4 +962,38 @@ fn markdown(
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_flows_fit_the_open_file_limit() {
+        assert_eq!(idle_flows(10_000, NOFILE), 10_000);
+        assert_eq!(idle_flows(10_000, 20_000), 9_744);
+        assert_eq!(idle_flows(2_000, 20_000), 2_000);
+        assert_eq!(idle_flows(10_000, 100), 0);
+    }
+
+    #[test]
+    fn lever_log_is_included_verbatim_and_links_are_relative() {
+        let log = "| lever | effect |\n|---|---|\n| SO_RCVBUF | none |\n";
+        let md = levers_markdown(log);
+        assert!(
+            md.starts_with("\n## Levers tried on the kernel path\n"),
+            "{md}"
+        );
+        assert!(md.contains(log.trim_end()), "{md}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let charts = dir.path().join("bench/charts");
+        std::fs::create_dir_all(&charts).expect("mkdir");
+        let png = charts.join("bulk.png");
+        std::fs::write(&png, b"x").expect("write");
+        assert_eq!(relative_link(dir.path(), &png), "bench/charts/bulk.png");
+        assert_eq!(
+            relative_link(&charts.join("elsewhere"), &png),
+            std::fs::canonicalize(&png).unwrap().display().to_string()
+        );
+    }
 }

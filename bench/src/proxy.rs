@@ -17,6 +17,24 @@ use crate::sys;
 
 /// The port the backend listens on (every interface of the backend namespace).
 pub const BACKEND_PORT: u16 = 8443;
+/// Client connections each peer proxy accepts at most (the idle workload holds 10 000 flows); lower when
+/// the open-file limit would not hold twice as many sockets. The agent has no such setting: it is bound
+/// only by the RLIMIT_NOFILE it inherits.
+pub const MAX_CONN: u64 = 30_000;
+/// Descriptors a peer proxy keeps beyond two per flow (listeners, logs, pollers).
+const FD_RESERVE: u64 = 256;
+/// HAProxy's splice pipes (two descriptors each). Its default, maxconn/4, would count a quarter of the
+/// idle flows' sockets again against the open-file limit, and HAProxy refuses to start when its total
+/// exceeds the limit; only flows moving data hold a pipe, and the busiest workload moves 64 at a time.
+const HAPROXY_MAXPIPES: u64 = 128;
+
+/// (client connections, descriptors) for HAProxy's `maxconn` and nginx's limits under `nofile`.
+fn peer_limits(nofile: u64) -> (u64, u64) {
+    let conns = MAX_CONN
+        .min(nofile.saturating_sub(FD_RESERVE + 2 * HAPROXY_MAXPIPES) / 2)
+        .max(64);
+    (conns, nofile.min(2 * MAX_CONN + FD_RESERVE))
+}
 /// The nginx stream module, from Debian's `libnginx-mod-stream`.
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
@@ -77,6 +95,8 @@ pub struct ProxySettings {
     pub cpu: Option<usize>,
     /// HAProxy with `option splice-request` + `splice-response` (the best-tuned setting of DESIGN.md).
     pub haproxy_splice: bool,
+    /// RLIMIT_NOFILE the proxies inherit; sizes HAProxy's `maxconn` and nginx's connection limits.
+    pub nofile: u64,
 }
 
 /// A running proxy. Dropping it stops it and cleans up after it.
@@ -95,15 +115,16 @@ fn backend_target() -> SocketAddr {
     SocketAddr::new(BACKEND_V4.into(), BACKEND_PORT)
 }
 
-fn haproxy_config(threads: usize, splice: bool) -> String {
+fn haproxy_config(threads: usize, splice: bool, nofile: u64) -> String {
+    let (maxconn, _) = peer_limits(nofile);
     let splice = if splice {
         "option splice-request\n    option splice-response"
     } else {
         "# splice off (--haproxy-no-splice)"
     };
     format!(
-        "global\n    nbthread {threads}\n    maxconn 4096\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
+        "global\n    nbthread {threads}\n    maxconn {maxconn}\n    maxpipes {HAPROXY_MAXPIPES}\n\n\
+         defaults\n    mode tcp\n    maxconn {maxconn}\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
          {splice}\n\n\
          frontend zi_bench\n    bind {listen}\n    tcp-request inspect-delay 5s\n    \
          tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    \
@@ -114,13 +135,15 @@ fn haproxy_config(threads: usize, splice: bool) -> String {
     )
 }
 
-fn nginx_config(dir: &Path) -> String {
+fn nginx_config(dir: &Path, nofile: u64) -> String {
     let d = dir.display();
+    // worker_connections counts both sockets of a flow.
+    let (conns, fds) = peer_limits(nofile);
     format!(
         "load_module {NGINX_STREAM_MODULE};\n\
-         daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 65536;\n\
+         daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile {nofile};\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\n\
-         events {{\n    worker_connections 30000;\n}}\n\n\
+         events {{\n    worker_connections {worker_connections};\n}}\n\n\
          stream {{\n    map $ssl_preread_server_name $zi_upstream {{\n        {SNI_BACKEND} {target};\n        \
          default 127.0.0.1:9;\n    }}\n    server {{\n        listen {listen} backlog=4096;\n        \
          ssl_preread on;\n        preread_timeout 5s;\n        proxy_pass $zi_upstream;\n        \
@@ -128,6 +151,8 @@ fn nginx_config(dir: &Path) -> String {
          proxy_timeout 60s;\n    }}\n}}\n",
         listen = ingress_listen(),
         target = backend_target(),
+        nofile = fds,
+        worker_connections = 2 * conns,
     )
 }
 
@@ -213,7 +238,10 @@ impl Proxy {
                 } else {
                     sys::nproc()
                 };
-                std::fs::write(&cfg, haproxy_config(threads, settings.haproxy_splice))?;
+                std::fs::write(
+                    &cfg,
+                    haproxy_config(threads, settings.haproxy_splice, settings.nofile),
+                )?;
                 let mut c = pinned(ns, settings.cpu, &find_program("haproxy")?);
                 c.arg("-f").arg(&cfg).arg("-db");
                 c
@@ -224,7 +252,7 @@ impl Proxy {
                     "{NGINX_STREAM_MODULE} is missing (apt-get install -y libnginx-mod-stream)"
                 );
                 let cfg = dir.path().join("nginx.conf");
-                std::fs::write(&cfg, nginx_config(dir.path()))?;
+                std::fs::write(&cfg, nginx_config(dir.path(), settings.nofile))?;
                 let mut c = pinned(ns, settings.cpu, &find_program("nginx")?);
                 c.arg("-p")
                     .arg(dir.path())
@@ -390,5 +418,25 @@ impl Drop for Proxy {
         if let Some(p) = &self.pin_dir {
             let _ = std::fs::remove_dir_all(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_limits_fit_the_open_file_limit() {
+        assert_eq!(peer_limits(1 << 17), (30_000, 60_256));
+        // A container without CAP_SYS_RESOURCE: hard limit 20 000. HAProxy needs 2 x maxconn + 2 x maxpipes
+        // and a few more; the idle workload's flows (main.rs: idle_flows) must fit maxconn.
+        let (conns, fds) = peer_limits(20_000);
+        assert_eq!((conns, fds), (9_744, 20_000));
+        assert!(2 * conns + 2 * HAPROXY_MAXPIPES + FD_RESERVE / 2 <= 20_000);
+        let cfg = haproxy_config(1, true, 20_000);
+        assert!(cfg.contains("maxconn 9744\n    maxpipes 128\n"), "{cfg}");
+        let cfg = nginx_config(Path::new("/tmp/x"), 20_000);
+        assert!(cfg.contains("worker_connections 19488;"), "{cfg}");
+        assert!(cfg.contains("worker_rlimit_nofile 20000;"), "{cfg}");
     }
 }

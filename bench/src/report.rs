@@ -84,12 +84,23 @@ const COLUMNS: &[(Workload, &str, &str)] = &[
     (Workload::Rpc, "p99_us", "rpc p99 µs"),
     (Workload::Rpc, "p999_us", "rpc p99.9 µs"),
     (Workload::Connect, "conn_s", "connect conn/s"),
+    (
+        Workload::Idle,
+        "rss_kib_per_flow",
+        "idle proxy RSS KiB/flow",
+    ),
+    (
+        Workload::Idle,
+        "kernel_kib_per_flow",
+        "idle kernel KiB/flow",
+    ),
 ];
 
-fn fmt_num(v: f64) -> String {
-    if v >= 100.0 {
+/// A figure with three significant digits or so (no digits after the point from 100 up).
+pub fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
         format!("{v:.0}")
-    } else if v >= 10.0 {
+    } else if v.abs() >= 10.0 {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
@@ -189,4 +200,75 @@ pub fn render_markdown(rows: &[Vec<String>]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_median_min_max_per_path_workload_metric() {
+        let mut s = Samples::default();
+        for v in [300.0, 100.0, 200.0] {
+            s.add(PathKind::Sockmap, Workload::Bulk, "mb_s", v, "MB/s");
+        }
+        for v in [4.0, 2.0] {
+            s.add(
+                PathKind::Haproxy,
+                Workload::Idle,
+                "rss_kib_per_flow",
+                v,
+                "KiB",
+            );
+        }
+        s.add(
+            PathKind::Direct,
+            Workload::Idle,
+            "kernel_kib_per_flow",
+            9.5,
+            "KiB",
+        );
+        let r = s.records();
+        assert_eq!(r.len(), 3);
+        let bulk = r
+            .iter()
+            .find(|r| r.path == "sockmap" && r.workload == "bulk")
+            .expect("bulk record");
+        assert_eq!(
+            (bulk.median, bulk.min, bulk.max, bulk.runs),
+            (200.0, 100.0, 300.0, 3)
+        );
+        assert_eq!(bulk.metric, "mb_s");
+        assert_eq!(bulk.unit, "MB/s");
+        let idle = r
+            .iter()
+            .find(|r| r.path == "haproxy" && r.metric == "rss_kib_per_flow")
+            .expect("idle record");
+        assert_eq!(
+            (idle.median, idle.runs),
+            (3.0, 2),
+            "even count: mean of the middle two"
+        );
+        let json = serde_json::to_value(idle).expect("serializes");
+        assert_eq!(json["workload"], "idle");
+        assert_eq!(json["unit"], "KiB");
+
+        let paths = [PathKind::Direct, PathKind::Sockmap, PathKind::Haproxy];
+        let rows = table(&r, &paths);
+        assert_eq!(
+            rows[0],
+            [
+                "path",
+                "bulk MB/s each way",
+                "idle proxy RSS KiB/flow",
+                "idle kernel KiB/flow"
+            ]
+        );
+        assert_eq!(rows[1], ["direct", "-", "-", "9.50"]);
+        assert_eq!(rows[2], ["sockmap", "200 [100-300]", "-", "-"]);
+        assert_eq!(rows[3], ["haproxy", "-", "3.00 [2.00-4.00]", "-"]);
+        let md = render_markdown(&rows);
+        assert!(md.starts_with("| path | bulk MB/s each way |"), "{md}");
+        assert!(md.lines().nth(1).unwrap().starts_with("|---|---:|"), "{md}");
+    }
 }

@@ -219,3 +219,34 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "?".to_string())
 }
+
+/// Raises RLIMIT_NOFILE (soft and hard) to `n` when allowed; children inherit it. Raising the hard limit
+/// needs CAP_SYS_RESOURCE, which a container's root may lack: then the soft limit goes up to the hard one.
+/// Returns the soft limit now in force.
+pub fn raise_nofile(n: u64) -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= n {
+            return Ok(lim.rlim_cur);
+        }
+        let want = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: lim.rlim_max.max(n),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return Ok(n);
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(lim.rlim_cur)
+    }
+}

@@ -15,6 +15,9 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// The font the benchmark's charts draw text with (fonts-dejavu-core; bench/src/chart.rs reads it).
+pub const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 
 pub fn have_command(cmd: &str) -> bool {
@@ -30,6 +33,18 @@ pub fn ensure(packages: &[(&str, &str)]) -> Result<()> {
         .filter(|(cmd, _)| !have_command(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    install(&missing)
+}
+
+/// Installs `package` when `file` (something the package ships) is missing.
+pub fn ensure_file(file: &str, package: &str) -> Result<()> {
+    if std::path::Path::new(file).is_file() {
+        return Ok(());
+    }
+    install(&[package])
+}
+
+fn install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }

@@ -52,9 +52,17 @@ enum Command {
         args: Vec<String>,
     },
     /// Build, then run the side-by-side benchmark (direct, sockmap, userspace, HAProxy, nginx) as root;
-    /// writes target/bench/results.json and BENCHMARKS.md. Arguments after `--` (e.g. `--quick`) go to
-    /// zone-ingress-bench.
+    /// writes DIR/results.json, a PNG chart per workload, and BENCHMARKS.md. Any other
+    /// zone-ingress-bench option (`--paths`, `--workloads`, `--reps`, ...; see `zone-ingress-bench
+    /// --help`) is passed through, with or without a `--` before it.
     Bench {
+        /// Small sizes, so the whole run takes minutes instead of most of an hour.
+        #[arg(long)]
+        quick: bool,
+        /// Where results.json and the charts go (default target/bench).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Further zone-ingress-bench options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -106,7 +114,7 @@ fn main() -> ExitCode {
             seconds,
             sanitizer,
         } => fuzz::run(target.as_deref(), seconds, &sanitizer),
-        Command::Bench { args } => bench::run(&args),
+        Command::Bench { quick, out, args } => bench::run(&bench::bench_args(quick, out, args)),
         Command::Soak {
             minutes,
             datapath,
@@ -134,4 +142,37 @@ pub fn workspace_root() -> PathBuf {
 /// Prints a step heading, so long work shows progress.
 pub fn step(msg: &str) {
     eprintln!("==> {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(argv: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(std::iter::once("cargo xtask").chain(argv.iter().copied()))
+            .expect("the bench command line parses");
+        match cli.command {
+            Command::Bench { quick, out, args } => bench::bench_args(quick, out, args),
+            _ => panic!("not parsed as bench"),
+        }
+    }
+
+    #[test]
+    fn bench_takes_quick_and_out_with_or_without_a_double_dash() {
+        assert_eq!(bench_args(&["bench", "--quick"]), ["--quick"]);
+        assert_eq!(
+            bench_args(&["bench", "--quick", "--out", "/tmp/b"]),
+            ["--quick", "--out", "/tmp/b"]
+        );
+        assert_eq!(bench_args(&["bench", "--", "--quick"]), ["--quick"]);
+        assert_eq!(
+            bench_args(&["bench", "--out", "x", "--", "--paths", "sockmap"]),
+            ["--out", "x", "--paths", "sockmap"]
+        );
+        assert_eq!(
+            bench_args(&["bench", "--quick", "--paths", "sockmap,direct"]),
+            ["--quick", "--paths", "sockmap,direct"]
+        );
+        assert!(bench_args(&["bench"]).is_empty());
+    }
 }

@@ -15,6 +15,8 @@ pub fn run(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
         );
     }
     debian::ensure(debian::TEST_PACKAGES)?;
+    // The benchmark's chart test draws text with this font.
+    debian::ensure_file(debian::CHART_FONT, "fonts-dejavu-core")?;
     if !no_lint {
         step("cargo fmt --check");
         ensure_component("rustfmt")?;
