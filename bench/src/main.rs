@@ -150,6 +150,10 @@ struct Args {
     /// Do not pin the load generator and the proxy to different CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Steer the ingress namespace's receive processing (RPS) to these CPUs, a hex mask such as `2`:
+    /// where the kernel splice's softirq and redirect worker run (a placement experiment, off by default).
+    #[arg(long, value_name = "HEXMASK")]
+    ingress_rps: Option<String>,
     /// Seed of the random path order (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -179,6 +183,7 @@ enum GuardDrop {
 struct Cfg {
     proxy: ProxySettings,
     loadgen_cpu: Option<usize>,
+    ingress_rps: Option<String>,
     bulk_bytes: u64,
     paced_bytes: u64,
     paced_rate: f64,
@@ -347,6 +352,7 @@ fn run(args: Args) -> Result<()> {
             nofile,
         },
         loadgen_cpu,
+        ingress_rps: args.ingress_rps.clone(),
         bulk_bytes,
         paced_bytes,
         paced_rate: args.paced_rate * 1e6,
@@ -638,6 +644,20 @@ fn set_sysctl(key: &str, value: &str) {
     }
 }
 
+/// Sets the RPS CPU mask of `devs` in namespace `ns` (`ip netns exec` remounts /sys for that namespace).
+fn set_rps(ns: &str, devs: &[&str], mask: &str) {
+    for dev in devs {
+        let script = format!("echo {mask} > /sys/class/net/{dev}/queues/rx-0/rps_cpus");
+        let ok = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &script])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("bench: could not set rps_cpus={mask} on {dev} in {ns}");
+        }
+    }
+}
+
 async fn run_one(
     cfg: Arc<Cfg>,
     path: PathKind,
@@ -682,6 +702,10 @@ async fn run_one(
             set_sysctl("net.ipv4.ip_local_port_range", "10240 65535");
             set_sysctl("net.ipv4.tcp_tw_reuse", "1");
         });
+    }
+
+    if let Some(mask) = &cfg.ingress_rps {
+        set_rps(topo.ingress.name(), &["to-client", "to-backend"], mask);
     }
 
     let listener = topo
@@ -774,6 +798,15 @@ fn check_spliced(m: &Metrics) -> Vec<String> {
     let spliced = m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]);
     let copied_flows = m.get("zone_ingress_flows_total", &[("datapath", "userspace")]);
     let copied = m.sum("zone_ingress_userspace_copied_bytes_total");
+    if std::env::var_os("ZI_BENCH_SPLICE_STATS").is_some() {
+        // Flow-control diagnostics for tuning runs (bench/levers.md), not part of the report.
+        eprintln!(
+            "  splice: {} sender clamps, redirect queue peak {:.1} MiB, {} integrity errors",
+            m.sum("zone_ingress_splice_sender_clamps_total"),
+            m.sum("zone_ingress_splice_redirect_queue_peak_bytes") / 1048576.0,
+            m.sum("zone_ingress_splice_integrity_errors_total"),
+        );
+    }
     let mut notes = Vec::new();
     if spliced == 0.0 || copied_flows > 0.0 {
         notes.push(format!(

@@ -748,9 +748,11 @@ impl Splicer {
         agent_written: u64,
         dst_syn: u64,
     ) -> io::Result<bool> {
-        let in_tcp = tcp_stream_bytes(dst)?.saturating_sub(dst_syn);
+        let Some(in_tcp) = tcp_stream_bytes(dst)? else {
+            return Ok(false);
+        };
         let side = self.side(src_cookie);
-        Ok(in_tcp >= side.redirected_bytes + agent_written)
+        Ok(in_tcp.saturating_sub(dst_syn) >= side.redirected_bytes + agent_written)
     }
 
     /// The kernel's view of one side (zeros if the entry is gone).
@@ -1000,7 +1002,10 @@ impl<'a> Direction<'a> {
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
-        let in_tcp = self.dst_stream_bytes()?;
+        let Some(in_tcp) = self.dst_stream_bytes()? else {
+            // The stream is moving too fast to read consistently: measure at the next tick.
+            return Ok(true);
+        };
         let side = self.splicer.side(self.src_cookie);
         self.check_not_ahead(&side, in_tcp)?;
         // Redirected first, received second (received only grows): more redirected than received
@@ -1120,7 +1125,20 @@ impl<'a> Direction<'a> {
         let moved = side.redirected_bytes + self.agent_written;
         // At EOF the FIN has been received, and counts as one byte.
         let received = tcp_bytes_received(self.src)?.saturating_sub(1);
-        let in_tcp = self.dst_stream_bytes()?;
+        // At EOF the stream is quiet but ACKs of its tail may still arrive: ask until a
+        // consistent reading comes (each ask is up to STREAM_READ_ATTEMPTS pairs of reads).
+        let mut in_tcp = None;
+        for _ in 0..STREAM_READ_ATTEMPTS {
+            in_tcp = self.dst_stream_bytes()?;
+            if in_tcp.is_some() {
+                break;
+            }
+        }
+        let Some(in_tcp) = in_tcp else {
+            return Err(io::Error::other(
+                "the peer's send stream kept moving at EOF; cannot confirm the spliced bytes",
+            ));
+        };
         if received != moved || in_tcp != moved {
             return Err(self.integrity_error(format!(
                 "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
@@ -1131,9 +1149,10 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
-    /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN).
-    fn dst_stream_bytes(&self) -> io::Result<u64> {
-        Ok(tcp_stream_bytes(self.dst)?.saturating_sub(self.dst_syn))
+    /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN);
+    /// `None` when no consistent reading could be taken (see [`tcp_stream_bytes`]).
+    fn dst_stream_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(tcp_stream_bytes(self.dst)?.map(|b| b.saturating_sub(self.dst_syn)))
     }
 
     fn integrity_error(&self, detail: String) -> io::Error {
@@ -1266,7 +1285,35 @@ const TCP_CLOSE: u8 = 7;
 /// Sequence space that entered a socket's TCP send stream: acknowledged plus still queued
 /// (SIOCOUTQ). The redirect queue sits in front of it, outside TCP's accounting. On a socket that
 /// sent the SYN this includes it (one byte); callers subtract it.
-fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
+///
+/// The two figures come from two syscalls: an ACK that lands between them moves bytes from "queued"
+/// to "acknowledged" after the acknowledged count was read, and the sum comes out short by what it
+/// acknowledged (a soak saw a finished bulk upload reset for being 766 bytes short this way). So the
+/// acknowledged count is read again after SIOCOUTQ and the pair is used only when it did not move.
+/// `None` when ACKs kept arriving between every pair of reads (the stream is moving; ask again).
+fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<Option<u64>> {
+    let mut acked = tcp_bytes_acked(stream)?;
+    for _ in 0..STREAM_READ_ATTEMPTS {
+        let mut outq: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int.
+        if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let again = tcp_bytes_acked(stream)?;
+        if again == acked {
+            return Ok(Some(acked + outq.max(0) as u64));
+        }
+        acked = again;
+    }
+    Ok(None)
+}
+
+/// How many times [`tcp_stream_bytes`] tries for a pair of reads no ACK fell between.
+const STREAM_READ_ATTEMPTS: usize = 16;
+
+/// `tcpi_bytes_acked`, or an error if the socket is closed (its counters no longer describe a
+/// stream the redirect can reach).
+fn tcp_bytes_acked(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     if info.tcpi_state == TCP_CLOSE {
         return Err(io::Error::new(
@@ -1274,12 +1321,7 @@ fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<u64> {
             "peer socket closed while spliced bytes were in flight",
         ));
     }
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int.
-    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
+    Ok(info.tcpi_bytes_acked)
 }
 
 fn socket_cookie(stream: &TcpStream) -> io::Result<u64> {
