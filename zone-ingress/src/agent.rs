@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Bytes one direction of a spliced flow may park in the kernel before its sender is slowed.
     pub splice_budget: u64,
+    /// `--local-redirect`: the `sk_msg` path for endpoints on this host.
+    pub local_redirect: crate::datapath::local::LocalRedirectMode,
     /// `--access-log`: where lines go; `None` is off.
     pub access_log: Option<accesslog::Sink>,
     pub access_log_format: accesslog::Format,
@@ -115,7 +117,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listen_cell = Arc::new(OnceLock::new());
 
     let splicer = load_datapath(&opts)?
-        .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
+        .map(|p| {
+            Splicer::new(
+                p,
+                opts.splice_budget,
+                stats.clone(),
+                routes.clone(),
+                opts.local_redirect,
+            )
+        });
 
     let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
         readiness: readiness.clone(),

@@ -31,10 +31,11 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use zone_ingress_common::{
-    DATAPATH_SOCKMAP, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl, FlowSide, NO_ROUTE,
+    DATAPATH_SOCKMAP, DATAPATH_SOCKMAP_LOCAL, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl, FlowSide, NO_ROUTE,
 };
 
 use super::flowinfo::{self, FlowRecords};
+use super::local::{LocalRedirect, LocalRedirectMode, Registration};
 use super::routemap::RouteMap;
 use super::userspace::Progress;
 use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
@@ -123,6 +124,8 @@ pub struct Splicer {
     routes: RouteMap,
     /// The flow entries of the ops maps (spliced and userspace flows).
     records: Arc<FlowRecords>,
+    /// The `sk_msg` path for endpoints on this host (`--local-redirect auto`, when it loaded).
+    local: Option<LocalRedirect>,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
 }
@@ -148,6 +151,16 @@ pub struct SplicedFlow {
     started: Instant,
     /// The flow's route id (counted in `ZI_ROUTE_BYTES`), or `NO_ROUTE`.
     route_id: u32,
+    /// The local redirect's registration and the endpoint socket's cookie, when the endpoint's
+    /// sends go straight to the client socket.
+    local: Option<(Registration, u64)>,
+}
+
+impl SplicedFlow {
+    /// Whether the endpoint's sends bypass TCP (`sk_msg`, endpoint on this host).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
 }
 
 /// A flow the userspace copy carries while the BPF maps exist: recorded in the flow map with
@@ -163,6 +176,8 @@ pub struct UserspaceFlow {
 struct DirectionEnd {
     /// Passed bytes the agent read and forwarded (only for a flow that was never armed).
     copied: u64,
+    /// Bytes that reached `dst`'s stream without passing `src` (the local redirect's `sk_msg`).
+    bypassed: u64,
 }
 
 impl Splicer {
@@ -173,9 +188,10 @@ impl Splicer {
         budget: u64,
         stats: Arc<Stats>,
         route_store: Arc<RouteStore>,
+        local_mode: LocalRedirectMode,
     ) -> Arc<Self> {
         let BpfPrograms {
-            ebpf,
+            mut ebpf,
             socks,
             flows,
             ctrl,
@@ -185,6 +201,16 @@ impl Splicer {
             flow_info,
             ..
         } = programs;
+        let local = match local_mode {
+            LocalRedirectMode::Off => None,
+            LocalRedirectMode::Auto => LocalRedirect::load(&mut ebpf)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "local redirect unavailable, endpoints on this host take the plain splice: {e}"
+                    )
+                })
+                .ok(),
+        };
         let splicer = Arc::new(Self {
             socks: Mutex::new(socks),
             flows: Mutex::new(flows),
@@ -194,6 +220,7 @@ impl Splicer {
             stats: stats.clone(),
             routes: RouteMap::new(routes, route_bytes),
             records: FlowRecords::new(flow_info),
+            local,
             _ebpf: ebpf,
         });
         splicer.routes.sync(&route_store.load());
@@ -282,13 +309,49 @@ impl Splicer {
         );
     }
 
+    /// The local redirect and the client socket's cookie, for [`crate::upstream::connect`], when
+    /// it is loaded.
+    pub fn local_redirect_for(&self, down: &TcpStream) -> Option<(&LocalRedirect, u64)> {
+        let local = self.local.as_ref()?;
+        Some((local, socket_cookie(down).ok()?))
+    }
+
     /// Hands the pair to the kernel. `route` names the flow in the ops maps and its counters.
+    /// `local`: the upstream connection was registered for the local redirect.
     pub async fn handoff(
         &self,
         down: TcpStream,
         up: TcpStream,
         initial: &[u8],
         route: &Route,
+        local: Option<Registration>,
+    ) -> Result<SplicedFlow, Refusal> {
+        let mut local_ep = None;
+        if let (Some(redirect), Some(reg)) = (&self.local, local) {
+            match redirect.endpoint_cookie(&reg).await {
+                Some(cookie) => local_ep = Some((reg, cookie)),
+                None => redirect.forget(&reg),
+            }
+        }
+        let result = self
+            .handoff_inner(down, up, initial, route, local_ep)
+            .await;
+        if result.is_err()
+            && let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
+        {
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+        }
+        result
+    }
+
+    async fn handoff_inner(
+        &self,
+        down: TcpStream,
+        up: TcpStream,
+        initial: &[u8],
+        route: &Route,
+        mut local_ep: Option<(Registration, u64)>,
     ) -> Result<SplicedFlow, Refusal> {
         // A receive-queue skb that a plain read consumed only in part is later handed to the
         // verdict whole (tcp_read_skb ignores the read offset): its prefix would be sent twice. So
@@ -321,6 +384,10 @@ impl Splicer {
             self.set_ctrl(up_cookie, 1, self.budget)?;
             let mut flows = lock(&self.flows);
             flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
+            if let Some((_, ep)) = local_ep {
+                // The endpoint socket's side: sk_msg counts the bytes it redirects here.
+                flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
+            }
             flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
         });
         if let Err(e) = entries {
@@ -368,6 +435,16 @@ impl Splicer {
                 tracing::debug!(error = %e, "SO_RCVLOWAT failed; queued bytes wait for the next segment");
             }
         }
+        // Both spliced sockets are in the SockHash and the endpoint has not been sent anything:
+        // from its first byte on, its sends go to the client socket.
+        if let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
+            && let Err(e) = redirect.arm(&reg, ep)
+        {
+            tracing::debug!(error = %e, "local redirect: arming failed; plain splice");
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+            local_ep = None;
+        }
         let written = match write_all(&up, &to_up).await {
             Ok(()) => write_all(&down, &to_down).await,
             Err(e) => Err(e),
@@ -390,7 +467,11 @@ impl Splicer {
         // through the kernel's route counters.
         self.stats
             .flow_bytes(&route.cluster, initial_up, initial_down);
-        let mut info = flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP);
+        // A local flow's endpoint->client bytes are counted in the endpoint socket's side.
+        let mut info = match local_ep {
+            Some((_, ep)) => flowinfo::describe(&down, &up, ep, route_id, DATAPATH_SOCKMAP_LOCAL),
+            None => flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP),
+        };
         info.agent_bytes_up = initial_up;
         info.agent_bytes_down = initial_down;
         self.records.insert(down_cookie, &info);
@@ -403,6 +484,7 @@ impl Splicer {
             initial_down,
             started: Instant::now(),
             route_id,
+            local: local_ep,
         })
     }
 
@@ -420,10 +502,12 @@ impl Splicer {
             initial_down,
             started,
             route_id,
+            local,
         } = flow;
         // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
         let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
-        let to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
+        let mut to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
+        to_down.bypass = local.is_some();
         let drained = async {
             // A dropped sender means nobody will ask this flow to drain.
             if drain.wait_for(|d| *d).await.is_err() {
@@ -432,9 +516,13 @@ impl Splicer {
         };
         // The first error ends the flow at once: the other direction may be idle forever (its
         // peer waiting), and the reset is what tells it the stream broke.
+        let mut bypassed = None;
         let (end, copied_up, copied_down) = tokio::select! {
             result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
-                Ok((u, d)) => (FlowEnd::Closed, u.copied, d.copied),
+                Ok((u, d)) => {
+                    bypassed = Some(d.bypassed);
+                    (FlowEnd::Closed, u.copied, d.copied)
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
                     reset(&down);
@@ -466,7 +554,16 @@ impl Splicer {
                 (FlowEnd::Closed, 0, 0)
             }
         };
-        let (d, u) = (self.side(down_cookie), self.side(up_cookie));
+        let (d, mut u) = (self.side(down_cookie), self.side(up_cookie));
+        if let (Some(redirect), Some((reg, ep))) = (&self.local, local) {
+            // sk_msg counts a send when it redirects it; a send the client socket could not take
+            // whole is returned short to the endpoint, which sends the rest again (counted
+            // again). So a cleanly closed flow's exact count is what reached the client's stream.
+            let e = self.side(ep);
+            u.redirected_bytes += bypassed.unwrap_or(e.redirected_bytes);
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+        }
         self.records.remove(down_cookie);
         self.forget(down_cookie, up_cookie);
         self.routes.release(route_id, copied_up, copied_down);
@@ -567,6 +664,9 @@ struct Direction<'a> {
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
     wake: Arc<Notify>,
+    /// The local redirect carries this direction's bytes from the endpoint straight into `dst`
+    /// (`src` only brings the FIN or reset): `dst`'s stream holds more than went through `src`.
+    bypass: bool,
     /// `src`'s receive-window clamp before the agent touched it; restored on release.
     original_clamp: Option<libc::c_int>,
     /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
@@ -610,6 +710,7 @@ impl<'a> Direction<'a> {
             agent_written,
             dst_syn,
             wake,
+            bypass: false,
             original_clamp: None,
             level: None,
             rcvbuf_locked: false,
@@ -657,8 +758,8 @@ impl<'a> Direction<'a> {
             loop {
                 match self.src.try_read(&mut buf) {
                     Ok(0) => {
-                        self.finish().await?;
-                        return Ok(DirectionEnd { copied });
+                        let bypassed = self.finish().await?;
+                        return Ok(DirectionEnd { copied, bypassed });
                     }
                     Ok(n) => {
                         // Passed bytes come after everything redirected so far, so they go out
@@ -679,6 +780,10 @@ impl<'a> Direction<'a> {
     /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
     /// move the limit. Returns whether the direction is still hot.
     fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
+        if self.bypass {
+            // Nothing is redirected from `src`; sk_msg's pushes are paced by `dst`'s send buffer.
+            return Ok(false);
+        }
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
@@ -796,13 +901,17 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
-    /// At EOF: what `src` received went exactly once into `dst`'s stream.
-    fn check_complete(&self) -> io::Result<()> {
+    /// At EOF: what `src` received went exactly once into `dst`'s stream. Returns the bytes that
+    /// reached `dst`'s stream past `src` (local redirect; 0 otherwise).
+    fn check_complete(&self) -> io::Result<u64> {
         let side = self.splicer.side(self.src_cookie);
         let moved = side.redirected_bytes + self.agent_written;
         // At EOF the FIN has been received, and counts as one byte.
         let received = tcp_bytes_received(self.src)?.saturating_sub(1);
         let in_tcp = self.dst_stream_bytes()?;
+        if self.bypass && received == moved && in_tcp >= moved {
+            return Ok(in_tcp - moved);
+        }
         if received != moved || in_tcp != moved {
             return Err(self.integrity_error(format!(
                 "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
@@ -810,7 +919,7 @@ impl<'a> Direction<'a> {
                 side.redirected_bytes, self.agent_written
             )));
         }
-        Ok(())
+        Ok(0)
     }
 
     /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN).
@@ -848,7 +957,7 @@ impl<'a> Direction<'a> {
 
     /// EOF on `src`: forward the FIN once every byte before it went through the verdict and
     /// reached `dst`'s TCP stream.
-    async fn finish(&self) -> io::Result<()> {
+    async fn finish(&self) -> io::Result<u64> {
         // Every data byte `src` received is redirected or was moved by the agent; the FIN counts
         // one. Until the two agree the kernel is still working through the receive queue.
         let deadline = Instant::now() + FIN_PROCESSED_WAIT;
@@ -873,10 +982,10 @@ impl<'a> Direction<'a> {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         self.wait_redirects_in_tcp().await?;
-        self.check_complete()?;
+        let bypassed = self.check_complete()?;
         match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Ok(()) => Ok(bypassed),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(bypassed),
             Err(e) => Err(e),
         }
     }
