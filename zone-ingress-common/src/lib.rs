@@ -231,6 +231,10 @@ pub struct LocalFlow {
     pub endpoint_cookie: u64,
     /// 0: `sk_msg` lets the endpoint's sends take TCP; 1: it redirects them. Agent-written.
     pub armed: u64,
+    /// How far (bytes) the redirected bytes may run ahead of what the client acknowledged: the
+    /// agent's `FlowCtrl::redirect_limit` for the endpoint socket is (client-acked + window).
+    /// `sk_msg` asks the agent for a new limit (`ZI_EVENTS`) half a window before it is reached.
+    pub window: u64,
 }
 
 /// What an operator needs to know about one routed flow, keyed by the downstream (client) socket's
@@ -272,7 +276,7 @@ const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_M
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowInfo>() == 136);
 const _: () = assert!(core::mem::size_of::<LocalKey>() == 56);
-const _: () = assert!(core::mem::size_of::<LocalFlow>() == 24);
+const _: () = assert!(core::mem::size_of::<LocalFlow>() == 32);
 
 /// The agent's side of one socket's flow control. Only the agent writes it.
 #[repr(C)]
@@ -319,10 +323,13 @@ pub enum ProgCounter {
     LocalPassed = 10,
     /// `bpf_msg_redirect_hash` failed (client socket gone): the send takes TCP.
     LocalRedirectFailed = 11,
+    /// Local flows that reached their redirect limit (the client is slower than the endpoint):
+    /// from then on their endpoint's sends take TCP, through the plain splice.
+    LocalFellBack = 12,
 }
 
 /// Number of [`ProgCounter`] slots.
-pub const PROG_COUNTERS: u32 = 12;
+pub const PROG_COUNTERS: u32 = 13;
 
 /// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
 pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
@@ -338,6 +345,7 @@ pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
     "local_redirected",
     "local_passed",
     "local_redirect_failed",
+    "local_fell_back",
 ];
 
 #[cfg(feature = "user")]

@@ -10,8 +10,14 @@
 //!   Once the agent armed the flow, it redirects the bytes to the egress of the client socket
 //!   (`ZI_SOCKS`, where the splice keeps it): the bytes are pushed into the client socket's TCP
 //!   send queue inside the endpoint's `sendmsg`, so by the time `sendmsg` returns they are in the
-//!   client's stream (or the call returned fewer bytes). Counted in the endpoint socket's
-//!   `FlowSide` and the route's bytes, like the verdict does for spliced skbs.
+//!   client's stream. Counted in the endpoint socket's `FlowSide` and the route's bytes, like the
+//!   verdict does for spliced skbs.
+//! - Pacing: a push into a full client send buffer fails with EAGAIN for a non-blocking endpoint,
+//!   and nothing wakes the endpoint when the buffer drains (measured: a tokio endpoint stalled
+//!   for good after 39 of 64 MiB). So the redirected bytes never run more than a window ahead of
+//!   what the client acknowledged (the agent keeps `ZI_CTRL[endpoint].redirect_limit` current
+//!   and forces the client socket's send buffer well above the window); a flow that reaches its
+//!   limit falls back for good: its later sends take TCP and the plain splice, in order.
 //!
 //! The other direction (client -> endpoint) stays on the stream verdict (redirect to the upstream
 //! socket's egress): the agent must know when every redirected byte reached the endpoint before it
@@ -27,7 +33,7 @@ use aya_ebpf::{
 };
 use zone_ingress_common::{LocalFlow, LocalKey, MAX_SOCKETS, ProgCounter};
 
-use crate::{ZI_FLOWS, ZI_ROUTE_BYTES, ZI_SOCKS, count};
+use crate::{ZI_CTRL, ZI_EVENTS, ZI_FLOWS, ZI_ROUTE_BYTES, ZI_SOCKS, count};
 
 /// Endpoint sockets whose sends `zi_local_msg` sees, keyed by socket cookie.
 #[map(name = "ZI_LOCAL_SOCKS")]
@@ -147,20 +153,54 @@ pub fn zi_local_msg(ctx: SkMsgContext) -> u32 {
         count(ProgCounter::LocalPassed);
         return SK_PASS;
     }
+    let Some(side) = ZI_FLOWS.get_ptr_mut(flow.endpoint_cookie) else {
+        count(ProgCounter::LocalPassed);
+        return SK_PASS;
+    };
     let len = ctx.size() as u64;
+    let limit = match ZI_CTRL.get_ptr(flow.endpoint_cookie) {
+        // SAFETY: map value pointer, valid while the program runs; only read here.
+        Some(ctrl) => unsafe { (*ctrl).redirect_limit },
+        None => 0,
+    };
+    // SAFETY (derefs of `side`): map value pointer; sk_msg runs under the endpoint socket's
+    // lock, so this socket's FlowSide has one writer at a time.
+    unsafe {
+        if (*side).passed_bytes > 0 {
+            // Fell back earlier: everything after the first passed byte takes TCP, in order.
+            (*side).passed_bytes += len;
+            count(ProgCounter::LocalPassed);
+            return SK_PASS;
+        }
+        if (*side).redirected_bytes + len > limit {
+            // The client did not acknowledge fast enough: the next push could find its send
+            // buffer full, and a non-blocking endpoint would get EAGAIN with nothing to wake it
+            // when the buffer drains (its own socket stays writable). So this byte and every
+            // later one take TCP (after all redirected bytes, which are in the client's send
+            // queue already), where the plain splice's flow control paces the endpoint.
+            (*side).passed_bytes += len;
+            count(ProgCounter::LocalFellBack);
+            return SK_PASS;
+        }
+        let ask_at = limit.saturating_sub(flow.window / 2);
+        if (*side).redirected_bytes + len > ask_at && (*side).notified_limit != limit {
+            (*side).notified_limit = limit;
+            (*side).limit_events += 1;
+            if ZI_EVENTS.output::<u64>(&flow.endpoint_cookie, 0).is_ok() {
+                count(ProgCounter::LimitEvents);
+            } else {
+                count(ProgCounter::EventsLost);
+            }
+        }
+    }
     let mut down = flow.down_cookie;
     if ZI_SOCKS.redirect_msg(&ctx, &mut down, 0) as u32 != SK_PASS {
-        // The client socket is gone: the flow is ending. Let the bytes take TCP to the agent's
-        // upstream socket rather than fail the endpoint's send.
+        // The client socket is gone (the flow is ending): TCP from here on.
+        unsafe { (*side).passed_bytes += len };
         count(ProgCounter::LocalRedirectFailed);
         return SK_PASS;
     }
     count(ProgCounter::LocalRedirected);
-    let Some(side) = ZI_FLOWS.get_ptr_mut(flow.endpoint_cookie) else {
-        return SK_PASS;
-    };
-    // SAFETY: map value pointer; sk_msg runs under the endpoint socket's lock, so this socket's
-    // FlowSide has one writer at a time.
     let (route_id, first) = unsafe {
         let first = (*side).redirected_skbs == 0;
         (*side).redirected_bytes += len;

@@ -35,11 +35,11 @@ pub(crate) static ZI_FLOWS: HashMap<u64, FlowSide> = HashMap::with_max_entries(M
 
 /// Socket cookie -> the agent's flow control (budget, consumed bytes). Agent-written.
 #[map(name = "ZI_CTRL")]
-static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Cookies of sockets whose redirected bytes passed their limit; the agent then watches the flow.
 #[map(name = "ZI_EVENTS")]
-static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+pub(crate) static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Program counters, per CPU (summed by the agent).
 #[map(name = "ZI_COUNTERS")]

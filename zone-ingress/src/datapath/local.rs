@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::error::Error as _;
+
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
@@ -52,6 +54,11 @@ pub enum LocalRedirectMode {
 /// busy host.
 const ENDPOINT_WAIT: Duration = Duration::from_millis(5);
 
+/// How far the bytes the endpoint sends straight to the client may run ahead of what the client
+/// acknowledged (at most the splice budget). The client socket's send buffer is forced to four
+/// times this (the kernel doubles the value set), so a redirected push always finds room.
+pub const WINDOW: u64 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error(
@@ -65,6 +72,23 @@ pub enum LocalError {
     Bpf(#[from] BpfError),
     #[error("reading this namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
     NetnsCookie(io::Error),
+}
+
+impl LocalError {
+    /// The message with every underlying cause (aya's syscall errors keep the errno in a source).
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = self.source();
+        while let Some(s) = source {
+            let next = s.to_string();
+            if !text.ends_with(&next) {
+                text.push_str(": ");
+                text.push_str(&next);
+            }
+            source = s.source();
+        }
+        text
+    }
 }
 
 /// The loaded local-redirect programs and the map of registered connections.
@@ -120,8 +144,10 @@ impl LocalRedirect {
             .try_into()
             .map_err(|e| program(name, e))?;
         ops.load().map_err(|e| program(name, e))?;
-        // A BPF link (kernel 5.7+): detached when its fd closes, i.e. when the agent exits.
-        ops.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+        // A BPF link (kernel 5.7+): detached when its fd closes, i.e. when the agent exits. Links
+        // on a cgroup always coexist with other links and multi-attached programs (several
+        // agents, other tools); the kernel refuses attach flags on them, hence `Single` (no flag).
+        ops.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|e| program(name, e))?;
         let netns = netns_cookie().map_err(LocalError::NetnsCookie)?;
         tracing::info!(cgroup = %cgroup.display(), "local redirect: sock_ops attached, sk_msg on endpoint sockets");
@@ -157,6 +183,7 @@ impl LocalRedirect {
             down_cookie,
             endpoint_cookie: 0,
             armed: 0,
+            window: 0,
         };
         if let Err(e) = lock(&self.flows).insert(key, entry, 0) {
             // Map full or similar: this flow simply takes the plain splice.
@@ -197,12 +224,19 @@ impl LocalRedirect {
         }
     }
 
-    /// Lets `sk_msg` redirect the endpoint's sends. The endpoint socket's `FlowSide` must exist.
-    pub fn arm(&self, registration: &Registration, endpoint_cookie: u64) -> io::Result<()> {
+    /// Lets `sk_msg` redirect the endpoint's sends, at most `window` bytes ahead of what the
+    /// client acknowledged. The endpoint socket's `FlowSide` and `FlowCtrl` must exist.
+    pub fn arm(
+        &self,
+        registration: &Registration,
+        endpoint_cookie: u64,
+        window: u64,
+    ) -> io::Result<()> {
         let entry = LocalFlow {
             down_cookie: registration.down_cookie,
             endpoint_cookie,
             armed: 1,
+            window,
         };
         lock(&self.flows)
             .insert(registration.key, entry, 0)

@@ -206,7 +206,8 @@ impl Splicer {
             LocalRedirectMode::Auto => LocalRedirect::load(&mut ebpf)
                 .inspect_err(|e| {
                     tracing::warn!(
-                        "local redirect unavailable, endpoints on this host take the plain splice: {e}"
+                        "local redirect unavailable, endpoints on this host take the plain splice: {}",
+                        e.chain()
                     )
                 })
                 .ok(),
@@ -341,6 +342,7 @@ impl Splicer {
         {
             redirect.forget(&reg);
             let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
         }
         result
     }
@@ -437,12 +439,16 @@ impl Splicer {
         }
         // Both spliced sockets are in the SockHash and the endpoint has not been sent anything:
         // from its first byte on, its sends go to the client socket.
+        let window = super::local::WINDOW.min(self.budget);
         if let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
-            && let Err(e) = redirect.arm(&reg, ep)
+            && let Err(e) = set_sndbuf(&down, (2 * window) as libc::c_int)
+                .and_then(|()| self.set_ctrl(ep, 1, window).map_err(io::Error::other))
+                .and_then(|()| redirect.arm(&reg, ep, window))
         {
             tracing::debug!(error = %e, "local redirect: arming failed; plain splice");
             redirect.forget(&reg);
             let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
             local_ep = None;
         }
         let written = match write_all(&up, &to_up).await {
@@ -507,7 +513,11 @@ impl Splicer {
         // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
         let to_up = Direction::new(self, &down, &up, down_cookie, initial, 1);
         let mut to_down = Direction::new(self, &up, &down, up_cookie, initial_down, 0);
-        to_down.bypass = local.is_some();
+        if let Some((_, ep)) = local {
+            to_down.bypass = Some(ep);
+            // sk_msg's limit events carry the endpoint socket's cookie.
+            lock(&self.watchers).insert(ep, to_down.wake.clone());
+        }
         let drained = async {
             // A dropped sender means nobody will ask this flow to drain.
             if drain.wait_for(|d| *d).await.is_err() {
@@ -538,10 +548,15 @@ impl Splicer {
                     (up_cookie, &down, initial_down, 0),
                 ];
                 for (src_cookie, dst, agent_written, dst_syn) in queues {
+                    // The endpoint's redirected bytes are in the client's stream already.
+                    let agent_written = agent_written
+                        + local
+                            .filter(|_| src_cookie == up_cookie)
+                            .map_or(0, |(_, ep)| self.side(ep).redirected_bytes);
                     let deadline = Instant::now() + Duration::from_secs(1);
                     while Instant::now() < deadline
                         && matches!(
-                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn),
+                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, None),
                             Ok(false)
                         )
                     {
@@ -556,13 +571,13 @@ impl Splicer {
         };
         let (d, mut u) = (self.side(down_cookie), self.side(up_cookie));
         if let (Some(redirect), Some((reg, ep))) = (&self.local, local) {
-            // sk_msg counts a send when it redirects it; a send the client socket could not take
-            // whole is returned short to the endpoint, which sends the rest again (counted
-            // again). So a cleanly closed flow's exact count is what reached the client's stream.
+            // A cleanly closed flow's count was checked against the client's stream at EOF.
             let e = self.side(ep);
             u.redirected_bytes += bypassed.unwrap_or(e.redirected_bytes);
             redirect.forget(&reg);
             let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
+            lock(&self.watchers).remove(&ep);
         }
         self.records.remove(down_cookie);
         self.forget(down_cookie, up_cookie);
@@ -591,10 +606,12 @@ impl Splicer {
         dst: &TcpStream,
         agent_written: u64,
         dst_syn: u64,
+        bypass: Option<u64>,
     ) -> io::Result<bool> {
         let in_tcp = tcp_stream_bytes(dst)?.saturating_sub(dst_syn);
         let side = self.side(src_cookie);
-        Ok(in_tcp >= side.redirected_bytes + agent_written)
+        let bypassed = bypass.map_or(0, |ep| self.side(ep).redirected_bytes);
+        Ok(in_tcp >= side.redirected_bytes + agent_written + bypassed)
     }
 
     /// The kernel's view of one side (zeros if the entry is gone).
@@ -664,9 +681,10 @@ struct Direction<'a> {
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
     wake: Arc<Notify>,
-    /// The local redirect carries this direction's bytes from the endpoint straight into `dst`
-    /// (`src` only brings the FIN or reset): `dst`'s stream holds more than went through `src`.
-    bypass: bool,
+    /// The endpoint socket's cookie when the local redirect carries this direction's bytes from
+    /// the endpoint straight into `dst` (`src` brings the FIN or reset, and the bytes after a
+    /// fallback): `dst`'s stream holds those bytes besides what went through `src`.
+    bypass: Option<u64>,
     /// `src`'s receive-window clamp before the agent touched it; restored on release.
     original_clamp: Option<libc::c_int>,
     /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
@@ -710,7 +728,7 @@ impl<'a> Direction<'a> {
             agent_written,
             dst_syn,
             wake,
-            bypass: false,
+            bypass: None,
             original_clamp: None,
             level: None,
             rcvbuf_locked: false,
@@ -780,16 +798,29 @@ impl<'a> Direction<'a> {
     /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
     /// move the limit. Returns whether the direction is still hot.
     fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
-        if self.bypass {
-            // Nothing is redirected from `src`; sk_msg's pushes are paced by `dst`'s send buffer.
-            return Ok(false);
+        if let Some(ep) = self.bypass {
+            let e = self.splicer.side(ep);
+            if e.passed_bytes == 0 {
+                // sk_msg still redirects: keep its limit a window past what the client acked.
+                let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written);
+                let window = super::local::WINDOW.min(self.splicer.budget);
+                self.splicer
+                    .set_ctrl(ep, 1, acked + window)
+                    .map_err(io::Error::other)?;
+                let now = Instant::now();
+                if e.redirected_bytes != last.0 {
+                    *last = (e.redirected_bytes, now);
+                }
+                return Ok(now.duration_since(last.1) < COOL_AFTER);
+            }
         }
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
         let in_tcp = self.dst_stream_bytes()?;
         let side = self.splicer.side(self.src_cookie);
-        self.check_not_ahead(&side, in_tcp)?;
+        let bypassed = self.bypassed();
+        self.check_not_ahead(&side, in_tcp, bypassed)?;
         // Redirected first, received second (received only grows): more redirected than received
         // means the kernel handed the same bytes to the verdict twice.
         let received = tcp_bytes_received(self.src)?;
@@ -799,7 +830,7 @@ impl<'a> Direction<'a> {
                 side.redirected_bytes + self.agent_written
             )));
         }
-        let taken = in_tcp.saturating_sub(self.agent_written);
+        let taken = in_tcp.saturating_sub(self.agent_written + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
         let budget = self.splicer.budget;
@@ -890,8 +921,8 @@ impl<'a> Direction<'a> {
     /// that means the kernel sent something twice. On 6.18 we saw one loopback skb (65483 bytes)
     /// arrive twice in about one of 16 slow-receiver runs, with no byte through userspace. Such a
     /// stream is broken: reset it (the caller resets both sides) rather than let it go on silently.
-    fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64) -> io::Result<()> {
-        let expected_max = side.redirected_bytes + self.agent_written;
+    fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64, bypassed: u64) -> io::Result<()> {
+        let expected_max = side.redirected_bytes + self.agent_written + bypassed;
         if in_tcp > expected_max {
             return Err(self.integrity_error(format!(
                 "the peer's TCP stream holds {in_tcp} bytes but only {expected_max} were redirected or \
@@ -909,17 +940,22 @@ impl<'a> Direction<'a> {
         // At EOF the FIN has been received, and counts as one byte.
         let received = tcp_bytes_received(self.src)?.saturating_sub(1);
         let in_tcp = self.dst_stream_bytes()?;
-        if self.bypass && received == moved && in_tcp >= moved {
-            return Ok(in_tcp - moved);
-        }
-        if received != moved || in_tcp != moved {
+        let bypassed = self.bypassed();
+        if received != moved || in_tcp != moved + bypassed {
             return Err(self.integrity_error(format!(
                 "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
-                 peer's stream",
+                 peer's stream ({bypassed} sent there directly by a local endpoint)",
                 side.redirected_bytes, self.agent_written
             )));
         }
-        Ok(0)
+        Ok(bypassed)
+    }
+
+    /// Bytes the local redirect pushed into `dst` from the endpoint (0 without it). Read after
+    /// `dst`'s stream: the count only grows, so it can only overstate what the stream should hold.
+    fn bypassed(&self) -> u64 {
+        self.bypass
+            .map_or(0, |ep| self.splicer.side(ep).redirected_bytes)
     }
 
     /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN).
@@ -946,6 +982,7 @@ impl<'a> Direction<'a> {
                 self.dst,
                 self.agent_written,
                 self.dst_syn,
+                self.bypass,
             )?;
             if done {
                 return Ok(());
@@ -1003,6 +1040,17 @@ fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
 fn tcp_bytes_received(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_received)
+}
+
+/// Data bytes of a socket's stream its peer acknowledged (`dst_syn` not subtracted).
+fn tcp_bytes_acked(stream: &TcpStream) -> io::Result<u64> {
+    let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.tcpi_bytes_acked)
+}
+
+/// Fixes the send buffer (CAP_NET_ADMIN: not capped by `net.core.wmem_max`).
+fn set_sndbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
 }
 
 /// Fixes the receive buffer (CAP_NET_ADMIN: not capped by `net.core.rmem_max`).
