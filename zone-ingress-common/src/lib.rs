@@ -233,7 +233,8 @@ pub struct LocalFlow {
     pub armed: u64,
     /// How far (bytes) the redirected bytes may run ahead of what the client acknowledged: the
     /// agent's `FlowCtrl::redirect_limit` for the endpoint socket is (client-acked + window).
-    /// `sk_msg` asks the agent for a new limit (`ZI_EVENTS`) half a window before it is reached.
+    /// `sk_msg` asks the agent for a new limit (`ZI_EVENTS`) three quarters of a window before it
+    /// is reached.
     pub window: u64,
 }
 

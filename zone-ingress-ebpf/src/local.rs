@@ -182,7 +182,8 @@ pub fn zi_local_msg(ctx: SkMsgContext) -> u32 {
             count(ProgCounter::LocalFellBack);
             return SK_PASS;
         }
-        let ask_at = limit.saturating_sub(flow.window / 2);
+        // Early (a quarter window in), so the agent has most of a window to answer.
+        let ask_at = limit.saturating_sub(flow.window / 4 * 3);
         if (*side).redirected_bytes + len > ask_at && (*side).notified_limit != limit {
             (*side).notified_limit = limit;
             (*side).limit_events += 1;

@@ -116,16 +116,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let routes = Arc::new(RouteStore::new(RouteTable::new("none yet", [])));
     let listen_cell = Arc::new(OnceLock::new());
 
-    let splicer = load_datapath(&opts)?
-        .map(|p| {
-            Splicer::new(
-                p,
-                opts.splice_budget,
-                stats.clone(),
-                routes.clone(),
-                opts.local_redirect,
-            )
-        });
+    let splicer = load_datapath(&opts)?.map(|p| {
+        Splicer::new(
+            p,
+            opts.splice_budget,
+            stats.clone(),
+            routes.clone(),
+            opts.local_redirect,
+        )
+    });
 
     let admin_state = |zi: Option<&ZoneIngress>| admin::AdminState {
         readiness: readiness.clone(),

@@ -31,7 +31,8 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use zone_ingress_common::{
-    DATAPATH_SOCKMAP, DATAPATH_SOCKMAP_LOCAL, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl, FlowSide, NO_ROUTE,
+    DATAPATH_SOCKMAP, DATAPATH_SOCKMAP_LOCAL, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl,
+    FlowSide, NO_ROUTE,
 };
 
 use super::flowinfo::{self, FlowRecords};
@@ -334,9 +335,7 @@ impl Splicer {
                 None => redirect.forget(&reg),
             }
         }
-        let result = self
-            .handoff_inner(down, up, initial, route, local_ep)
-            .await;
+        let result = self.handoff_inner(down, up, initial, route, local_ep).await;
         if result.is_err()
             && let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
         {
