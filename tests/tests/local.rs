@@ -642,3 +642,35 @@ async fn crashed_agent_leaves_no_cgroup_program() {
     })
     .await
 }
+
+/// An IPv6 endpoint of the agent's namespace takes the local redirect too (the key's addresses
+/// are the four words of the IPv6 address), and its replies are correct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_endpoint_is_local() {
+    let _serial = SERIAL.lock().await;
+    run_test(Duration::from_secs(60), async {
+        const ROUNDS: usize = 200;
+        let topo = Topology::new();
+        let addr = SocketAddr::new(zone_ingress_tests::netns::INGRESS_UPSTREAM_V6.into(), 9470);
+        let mut backend = Backend::start(&topo.ingress, addr, Behaviour::Echo).await;
+        let agent = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[backend.addr])],
+            options("auto"),
+        )
+        .await;
+        echo_rounds(&topo, &agent, ROUNDS, 16 * 1024).await;
+        let out = backend.outcome(Duration::from_secs(10)).await;
+        assert!(out.error.is_none(), "backend failed: {:?}", out.error);
+        assert_eq!(out.received, (ROUNDS * 16 * 1024) as u64);
+        let m = agent.metrics().await;
+        assert_eq!(
+            flows_total(&m, "sockmap_local"),
+            1.0,
+            "the IPv6 flow was not local:\n{}",
+            m.dump("zone_ingress")
+        );
+        assert!(prog_counter(&agent, "local_redirected") >= ROUNDS as u64);
+    })
+    .await
+}
