@@ -30,12 +30,23 @@ pub mod map_names {
     /// Downstream socket cookie -> [`super::FlowInfo`] (addresses, route, start, datapath), written
     /// by the agent for every routed flow, spliced or copied.
     pub const FLOW_INFO: &str = "ZI_FLOW_INFO";
+    /// SockHash of endpoint sockets on the agent's host (the `sk_msg` program is attached to it),
+    /// keyed by socket cookie. Filled by the `sock_ops` program.
+    pub const LOCAL_SOCKS: &str = "ZI_LOCAL_SOCKS";
+    /// [`super::LocalKey`] -> [`super::LocalFlow`]: upstream connections the agent registered for
+    /// the local redirect.
+    pub const LOCAL_FLOWS: &str = "ZI_LOCAL_FLOWS";
 }
 
 /// Program names in the BPF object.
 pub mod prog_names {
     pub const SK_SKB_VERDICT: &str = "zi_stream_verdict";
     pub const SK_SKB_PARSER: &str = "zi_stream_parser";
+    /// cgroup `sock_ops`: puts the endpoint side of a registered upstream connection into
+    /// `ZI_LOCAL_SOCKS`.
+    pub const LOCAL_SOCK_OPS: &str = "zi_local_sockops";
+    /// `sk_msg` on `ZI_LOCAL_SOCKS`: redirects an endpoint's sends to the client socket's egress.
+    pub const LOCAL_SK_MSG: &str = "zi_local_msg";
 }
 
 /// Capacity of the SockHash and the flow map (sockets, two per flow).
@@ -184,6 +195,48 @@ impl SockAddr {
 pub const DATAPATH_SOCKMAP: u32 = 1;
 /// [`FlowInfo::datapath`]: the agent copies the flow's bytes in userspace.
 pub const DATAPATH_USERSPACE: u32 = 2;
+/// [`FlowInfo::datapath`]: the kernel splice, with the endpoint on the agent's host: the
+/// endpoint's sends go straight to the client socket (`sk_msg`), not through loopback TCP.
+pub const DATAPATH_SOCKMAP_LOCAL: u32 = 3;
+
+/// One TCP connection as its *endpoint* side sees it (the agent's upstream connection, seen from
+/// the accepted socket), in the form both `sock_ops` and `sk_msg` contexts give it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalKey {
+    /// The network namespace (`SO_NETNS_COOKIE` / `bpf_get_netns_cookie`): the same 4-tuple in
+    /// another namespace is another connection.
+    pub netns: u64,
+    /// 2 (AF_INET) or 10 (AF_INET6).
+    pub family: u32,
+    /// The endpoint's port, host order.
+    pub local_port: u32,
+    /// The agent's port, host order.
+    pub remote_port: u32,
+    pub _pad: u32,
+    /// The endpoint's address, as the context's u32 words (network order); IPv4 in word 0.
+    pub local_ip: [u32; 4],
+    /// The agent's address, same form.
+    pub remote_ip: [u32; 4],
+}
+
+/// An upstream connection the agent registered for the local redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalFlow {
+    /// Cookie of the client (downstream) socket: the endpoint's sends go to its egress.
+    pub down_cookie: u64,
+    /// Cookie of the endpoint's socket, written by `sock_ops` when it was put into
+    /// `ZI_LOCAL_SOCKS` (0 until then).
+    pub endpoint_cookie: u64,
+    /// 0: `sk_msg` lets the endpoint's sends take TCP; 1: it redirects them. Agent-written.
+    pub armed: u64,
+    /// How far (bytes) the redirected bytes may run ahead of what the client acknowledged: the
+    /// agent's `FlowCtrl::redirect_limit` for the endpoint socket is (client-acked + window).
+    /// `sk_msg` asks the agent for a new limit (`ZI_EVENTS`) three quarters of a window before it
+    /// is reached.
+    pub window: u64,
+}
 
 /// What an operator needs to know about one routed flow, keyed by the downstream (client) socket's
 /// cookie. Only the agent writes it; the verdict never reads it (its per-skb state is
@@ -223,6 +276,8 @@ const _: () = assert!(core::mem::size_of::<RouteBytes>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowInfo>() == 136);
+const _: () = assert!(core::mem::size_of::<LocalKey>() == 56);
+const _: () = assert!(core::mem::size_of::<LocalFlow>() == 32);
 
 /// The agent's side of one socket's flow control. Only the agent writes it.
 #[repr(C)]
@@ -259,10 +314,23 @@ pub enum ProgCounter {
     LimitEvents = 5,
     /// Limit events lost because the ring buffer was full.
     EventsLost = 6,
+    /// Endpoint sockets `sock_ops` put into `ZI_LOCAL_SOCKS`.
+    LocalInserted = 7,
+    /// `sock_ops` found a registered connection but the insert failed.
+    LocalInsertFailed = 8,
+    /// Endpoint sends (`sk_msg` calls) redirected to the client socket.
+    LocalRedirected = 9,
+    /// Endpoint sends let through to TCP (flow not armed, or no longer registered).
+    LocalPassed = 10,
+    /// `bpf_msg_redirect_hash` failed (client socket gone): the send takes TCP.
+    LocalRedirectFailed = 11,
+    /// Local flows that reached their redirect limit (the client is slower than the endpoint):
+    /// from then on their endpoint's sends take TCP, through the plain splice.
+    LocalFellBack = 12,
 }
 
 /// Number of [`ProgCounter`] slots.
-pub const PROG_COUNTERS: u32 = 7;
+pub const PROG_COUNTERS: u32 = 13;
 
 /// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
 pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
@@ -273,6 +341,12 @@ pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
     "passed",
     "limit_events",
     "events_lost",
+    "local_inserted",
+    "local_insert_failed",
+    "local_redirected",
+    "local_passed",
+    "local_redirect_failed",
+    "local_fell_back",
 ];
 
 #[cfg(feature = "user")]
@@ -288,4 +362,8 @@ mod pod {
     // SAFETY: repr(C), u64 fields, two u32, then SockAddrs (16 + 2 + 2 + 4 bytes, 8-aligned
     // total): no padding.
     unsafe impl aya::Pod for super::FlowInfo {}
+    // SAFETY: repr(C), u64 then five u32 then two [u32; 4]: 56 bytes, no padding.
+    unsafe impl aya::Pod for super::LocalKey {}
+    // SAFETY: repr(C), only u64 fields.
+    unsafe impl aya::Pod for super::LocalFlow {}
 }

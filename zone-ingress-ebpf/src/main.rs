@@ -8,6 +8,7 @@
 #![no_main]
 
 mod guard;
+mod local;
 
 use aya_ebpf::{
     bindings::{
@@ -26,19 +27,19 @@ use zone_ingress_common::{
 
 /// Spliced sockets, keyed by socket cookie.
 #[map(name = "ZI_SOCKS")]
-static ZI_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static ZI_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 /// Socket cookie -> its side of the flow (peer cookie, counters, pause state). Verdict-written.
 #[map(name = "ZI_FLOWS")]
-static ZI_FLOWS: HashMap<u64, FlowSide> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static ZI_FLOWS: HashMap<u64, FlowSide> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Socket cookie -> the agent's flow control (budget, consumed bytes). Agent-written.
 #[map(name = "ZI_CTRL")]
-static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static ZI_CTRL: HashMap<u64, FlowCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Cookies of sockets whose redirected bytes passed their limit; the agent then watches the flow.
 #[map(name = "ZI_EVENTS")]
-static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+pub(crate) static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Program counters, per CPU (summed by the agent).
 #[map(name = "ZI_COUNTERS")]
@@ -47,7 +48,7 @@ static ZI_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROG_COUNTE
 /// Route id -> bytes redirected for the route, per CPU: one inlined array access per redirected
 /// skb, no atomics, no shared cache line.
 #[map(name = "ZI_ROUTE_BYTES")]
-static ZI_ROUTE_BYTES: PerCpuArray<RouteBytes> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+pub(crate) static ZI_ROUTE_BYTES: PerCpuArray<RouteBytes> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 
 /// Route id -> SNI, cluster and the agent's own counters. Agent-only: declared here so the object
 /// carries every pinned map, never touched by the programs. Allocated as routes appear.
@@ -62,7 +63,7 @@ static ZI_FLOW_INFO: HashMap<u64, FlowInfo> =
     HashMap::with_max_entries(MAX_SOCKETS / 2, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
-fn count(counter: ProgCounter) {
+pub(crate) fn count(counter: ProgCounter) {
     if let Some(slot) = ZI_COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, valid for the duration of the program.
         unsafe { *slot += 1 };

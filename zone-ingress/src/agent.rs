@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Bytes one direction of a spliced flow may park in the kernel before its sender is slowed.
     pub splice_budget: u64,
+    /// `--local-redirect`: the `sk_msg` path for endpoints on this host.
+    pub local_redirect: crate::datapath::local::LocalRedirectMode,
     /// `--access-log`: where lines go; `None` is off.
     pub access_log: Option<accesslog::Sink>,
     pub access_log_format: accesslog::Format,
@@ -144,8 +146,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
         _ => Pins::Replace,
     };
-    let splicer = load_datapath(&opts, pins)?
-        .map(|p| Splicer::new(p, opts.splice_budget, stats.clone(), routes.clone()));
+    let splicer = load_datapath(&opts, pins)?.map(|p| {
+        Splicer::new(
+            p,
+            opts.splice_budget,
+            stats.clone(),
+            routes.clone(),
+            opts.local_redirect,
+        )
+    });
     let adopt_flows = pins == Pins::Reuse && splicer.is_some();
     let mut sockets = Sockets {
         upgrade: upgrade.as_ref(),

@@ -93,6 +93,11 @@ struct RunArgs {
     /// sender is slowed through TCP (e.g. `4MiB`, `512KiB`).
     #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size, env = "ZONE_INGRESS_SPLICE_BUDGET")]
     splice_budget: u64,
+    /// Endpoints on this host (an address of the agent's own network namespace): `auto` sends
+    /// their bytes straight to the client socket with an `sk_msg` program instead of through
+    /// loopback TCP, when the kernel splice is in use; `off` splices them like remote ones.
+    #[arg(long, value_enum, default_value_t = crate::datapath::local::LocalRedirectMode::Auto, env = "ZONE_INGRESS_LOCAL_REDIRECT")]
+    local_redirect: crate::datapath::local::LocalRedirectMode,
     /// Write one line per finished connection (routed or rejected) to FILE (appended), or to
     /// stdout with `-`. Off by default.
     #[arg(long, value_name = "FILE|-", env = "ZONE_INGRESS_ACCESS_LOG")]
@@ -444,6 +449,7 @@ fn run(args: RunArgs) -> ExitCode {
         upgrade: args.upgrade,
         pin_dir: args.pin_dir,
         splice_budget: args.splice_budget,
+        local_redirect: args.local_redirect,
         access_log: args
             .access_log
             .as_deref()

@@ -171,14 +171,19 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         return;
     };
     drop(table);
+    let local = ingress
+        .splicer
+        .as_deref()
+        .and_then(|s| s.local_redirect_for(&down));
     let connected = upstream::connect(
         &route,
         route.connect_timeout.unwrap_or(ingress.connect_timeout),
         &ingress.stats,
+        local,
     )
     .await;
-    let (up, endpoint) = match connected {
-        Ok(c) => c,
+    let (up, endpoint, local) = match connected {
+        Ok(c) => (c.stream, c.endpoint, c.local),
         Err(e) => {
             // Out of descriptors is the agent's problem, not the route's: the log says so, and
             // the endpoint counters stay clean.
@@ -202,7 +207,7 @@ async fn handle(ingress: &Ingress, mut down: TcpStream, peer: SocketAddr) {
         }
     };
     ingress.stats.upstream_connected(&route.cluster);
-    let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed, &route).await;
+    let (kind, summary) = move_bytes(ingress, down, up, &hello.consumed, &route, local).await;
     if summary.end == FlowEnd::HandedOver {
         // The next agent watches, counts and logs this flow from here on.
         tracing::debug!(%peer, sni = %route.sni, "flow handed over to the next agent");
@@ -265,16 +270,19 @@ async fn move_bytes(
     up: TcpStream,
     initial: &[u8],
     route: &Route,
+    local: Option<crate::datapath::local::Registration>,
 ) -> (DatapathKind, FlowSummary) {
     let (down, up, to_up, to_down) = match &ingress.splicer {
         None => (down, up, initial.to_vec(), Vec::new()),
-        Some(splicer) => match splicer.handoff(down, up, initial, route).await {
+        Some(splicer) => match splicer.handoff(down, up, initial, route, local).await {
             Ok(flow) => {
-                ingress.stats.flow_started(DatapathKind::Sockmap);
-                return (
-                    DatapathKind::Sockmap,
-                    splicer.run(flow, ingress.drain.clone()).await,
-                );
+                let kind = if flow.is_local() {
+                    DatapathKind::SockmapLocal
+                } else {
+                    DatapathKind::Sockmap
+                };
+                ingress.stats.flow_started(kind);
+                return (kind, splicer.run(flow, ingress.drain.clone()).await);
             }
             Err(Refusal::Fallback {
                 down,

@@ -100,6 +100,8 @@ impl RejectReason {
 pub enum DatapathKind {
     Userspace,
     Sockmap,
+    /// The kernel splice with the endpoint's sends redirected by `sk_msg` (endpoint on this host).
+    SockmapLocal,
 }
 
 impl DatapathKind {
@@ -107,6 +109,7 @@ impl DatapathKind {
         match self {
             Self::Userspace => "userspace",
             Self::Sockmap => "sockmap",
+            Self::SockmapLocal => "sockmap_local",
         }
     }
 }
@@ -268,7 +271,11 @@ impl Stats {
         for r in RejectReason::ALL {
             let _ = rejected.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
-        for d in [DatapathKind::Userspace, DatapathKind::Sockmap] {
+        for d in [
+            DatapathKind::Userspace,
+            DatapathKind::Sockmap,
+            DatapathKind::SockmapLocal,
+        ] {
             let _ = flows.get_or_create(&DatapathLabel {
                 datapath: d.as_str(),
             });

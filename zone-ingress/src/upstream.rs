@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::datapath::local::{LocalRedirect, Registration};
 use crate::routes::Route;
 use crate::stats::Stats;
 
@@ -45,15 +46,35 @@ fn describe(attempts: &[(SocketAddr, String)]) -> String {
         .join("; ")
 }
 
-/// Connects to the route's next endpoint, trying each of the others once on failure.
+/// A connected upstream socket.
+pub struct Connected {
+    pub stream: TcpStream,
+    pub endpoint: SocketAddr,
+    /// Set when the endpoint is on this host and the connection was registered for the local
+    /// redirect (see `datapath::local`).
+    pub local: Option<Registration>,
+}
+
+/// Connects to the route's next endpoint, trying each of the others once on failure. With
+/// `local` (the local redirect and the client socket's cookie), an endpoint on this host is
+/// connected through [`LocalRedirect::connect`].
 pub async fn connect(
     route: &Route,
     timeout: Duration,
     stats: &Stats,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    local: Option<(&LocalRedirect, u64)>,
+) -> Result<Connected, ConnectError> {
     let mut attempts = Vec::new();
     for endpoint in route.endpoints_round_robin() {
-        let result = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
+        let attempt = async {
+            if let Some((redirect, down_cookie)) = local
+                && let Some((stream, reg)) = redirect.connect(endpoint, down_cookie).await?
+            {
+                return Ok((stream, Some(reg)));
+            }
+            Ok::<_, std::io::Error>((TcpStream::connect(endpoint).await?, None))
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) if crate::listener::is_resource_exhaustion(&e) => {
                 return Err(ConnectError::LocalResources {
@@ -66,12 +87,16 @@ pub async fn connect(
             Err(_) => Err(format!("connect timed out after {timeout:?}")),
         };
         match result {
-            Ok(stream) => {
+            Ok((stream, local)) => {
                 // Small TLS records (handshake, RPCs) must not wait for Nagle.
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%endpoint, error = %e, "TCP_NODELAY on upstream failed");
                 }
-                return Ok((stream, endpoint));
+                return Ok(Connected {
+                    stream,
+                    endpoint,
+                    local,
+                });
             }
             Err(reason) => {
                 stats.upstream_connect_failed(&route.cluster);

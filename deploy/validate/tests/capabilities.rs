@@ -240,8 +240,11 @@ async fn deployment_capabilities_load_pin_and_splice() {
             .expect("metrics");
         assert_eq!(code, 200);
         let m = Metrics::parse(&text);
+        // The backend is local to the agent's namespace: with the local redirect (the default)
+        // the flow is spliced as `sockmap_local`.
         assert_eq!(
-            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")]),
+            m.get("zone_ingress_flows_total", &[("datapath", "sockmap")])
+                + m.get("zone_ingress_flows_total", &[("datapath", "sockmap_local")]),
             1.0,
             "the flow was not spliced: {}",
             m.dump("zone_ingress_")

@@ -2,6 +2,7 @@
 //! benchmark baseline) and the kernel splice (BPF SockHash + sk_skb verdict).
 
 pub mod flowinfo;
+pub mod local;
 pub mod routemap;
 pub mod sockmap;
 mod sockopt;

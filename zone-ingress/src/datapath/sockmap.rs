@@ -31,10 +31,12 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use zone_ingress_common::{
-    DATAPATH_SOCKMAP, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl, FlowSide, NO_ROUTE,
+    DATAPATH_SOCKMAP, DATAPATH_SOCKMAP_LOCAL, DATAPATH_USERSPACE, DIR_DOWN, DIR_UP, FlowCtrl,
+    FlowSide, NO_ROUTE,
 };
 
 use super::flowinfo::{self, FlowRecords};
+use super::local::{LocalRedirect, LocalRedirectMode, Registration};
 use super::routemap::RouteMap;
 use super::userspace::Progress;
 use super::{FlowEnd, FlowSummary, reset, sockopt, write_all};
@@ -129,6 +131,8 @@ pub struct Splicer {
     detach: watch::Sender<bool>,
     /// Set once another agent took the flows: this one stops reading the shared event ring.
     events_stopped: std::sync::atomic::AtomicBool,
+    /// The `sk_msg` path for endpoints on this host (`--local-redirect auto`, when it loaded).
+    local: Option<LocalRedirect>,
     /// Keeps the programs attached and the object loaded.
     _ebpf: aya::Ebpf,
 }
@@ -220,6 +224,16 @@ pub struct SplicedFlow {
     route_id: u32,
     /// The watch state of each direction (up, down): fresh, or carried over from another agent.
     resume: [DirectionState; 2],
+    /// The local redirect's registration and the endpoint socket's cookie, when the endpoint's
+    /// sends go straight to the client socket.
+    local: Option<(Registration, u64)>,
+}
+
+impl SplicedFlow {
+    /// Whether the endpoint's sends bypass TCP (`sk_msg`, endpoint on this host).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
 }
 
 /// Counts a flow inside [`Splicer::run`] for the takeover.
@@ -252,6 +266,8 @@ pub struct UserspaceFlow {
 struct DirectionEnd {
     /// Passed bytes the agent read and forwarded (only for a flow that was never armed).
     copied: u64,
+    /// Bytes that reached `dst`'s stream without passing `src` (the local redirect's `sk_msg`).
+    bypassed: u64,
 }
 
 impl Splicer {
@@ -262,9 +278,10 @@ impl Splicer {
         budget: u64,
         stats: Arc<Stats>,
         route_store: Arc<RouteStore>,
+        local_mode: LocalRedirectMode,
     ) -> Arc<Self> {
         let BpfPrograms {
-            ebpf,
+            mut ebpf,
             reused,
             socks,
             flows,
@@ -275,6 +292,17 @@ impl Splicer {
             flow_info,
             ..
         } = programs;
+        let local = match local_mode {
+            LocalRedirectMode::Off => None,
+            LocalRedirectMode::Auto => LocalRedirect::load(&mut ebpf)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "local redirect unavailable, endpoints on this host take the plain splice: {}",
+                        e.chain()
+                    )
+                })
+                .ok(),
+        };
         let splicer = Arc::new(Self {
             socks: Mutex::new(socks),
             flows: Mutex::new(flows),
@@ -287,6 +315,7 @@ impl Splicer {
             takeover: Mutex::new(Takeover::default()),
             detach: watch::channel(false).0,
             events_stopped: std::sync::atomic::AtomicBool::new(false),
+            local,
             _ebpf: ebpf,
         });
         if reused {
@@ -389,13 +418,48 @@ impl Splicer {
         );
     }
 
+    /// The local redirect and the client socket's cookie, for [`crate::upstream::connect`], when
+    /// it is loaded.
+    pub fn local_redirect_for(&self, down: &TcpStream) -> Option<(&LocalRedirect, u64)> {
+        let local = self.local.as_ref()?;
+        Some((local, socket_cookie(down).ok()?))
+    }
+
     /// Hands the pair to the kernel. `route` names the flow in the ops maps and its counters.
+    /// `local`: the upstream connection was registered for the local redirect.
     pub async fn handoff(
         &self,
         down: TcpStream,
         up: TcpStream,
         initial: &[u8],
         route: &Route,
+        local: Option<Registration>,
+    ) -> Result<SplicedFlow, Refusal> {
+        let mut local_ep = None;
+        if let (Some(redirect), Some(reg)) = (&self.local, local) {
+            match redirect.endpoint_cookie(&reg).await {
+                Some(cookie) => local_ep = Some((reg, cookie)),
+                None => redirect.forget(&reg),
+            }
+        }
+        let result = self.handoff_inner(down, up, initial, route, local_ep).await;
+        if result.is_err()
+            && let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
+        {
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
+        }
+        result
+    }
+
+    async fn handoff_inner(
+        &self,
+        down: TcpStream,
+        up: TcpStream,
+        initial: &[u8],
+        route: &Route,
+        mut local_ep: Option<(Registration, u64)>,
     ) -> Result<SplicedFlow, Refusal> {
         // A receive-queue skb that a plain read consumed only in part is later handed to the
         // verdict whole (tcp_read_skb ignores the read offset): its prefix would be sent twice. So
@@ -428,6 +492,10 @@ impl Splicer {
             self.set_ctrl(up_cookie, 1, self.budget)?;
             let mut flows = lock(&self.flows);
             flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
+            if let Some((_, ep)) = local_ep {
+                // The endpoint socket's side: sk_msg counts the bytes it redirects here.
+                flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
+            }
             flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
         });
         if let Err(e) = entries {
@@ -475,6 +543,20 @@ impl Splicer {
                 tracing::debug!(error = %e, "SO_RCVLOWAT failed; queued bytes wait for the next segment");
             }
         }
+        // Both spliced sockets are in the SockHash and the endpoint has not been sent anything:
+        // from its first byte on, its sends go to the client socket.
+        let window = super::local::WINDOW.min(self.budget);
+        if let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
+            && let Err(e) = set_sndbuf(&down, (2 * window) as libc::c_int)
+                .and_then(|()| self.set_ctrl(ep, 1, window).map_err(io::Error::other))
+                .and_then(|()| redirect.arm(&reg, ep, window))
+        {
+            tracing::debug!(error = %e, "local redirect: arming failed; plain splice");
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
+            local_ep = None;
+        }
         let written = match write_all(&up, &to_up).await {
             Ok(()) => write_all(&down, &to_down).await,
             Err(e) => Err(e),
@@ -497,7 +579,11 @@ impl Splicer {
         // through the kernel's route counters.
         self.stats
             .flow_bytes(&route.cluster, initial_up, initial_down);
-        let mut info = flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP);
+        // A local flow's endpoint->client bytes are counted in the endpoint socket's side.
+        let mut info = match local_ep {
+            Some((_, ep)) => flowinfo::describe(&down, &up, ep, route_id, DATAPATH_SOCKMAP_LOCAL),
+            None => flowinfo::describe(&down, &up, up_cookie, route_id, DATAPATH_SOCKMAP),
+        };
         info.agent_bytes_up = initial_up;
         info.agent_bytes_down = initial_down;
         self.records.insert(down_cookie, &info);
@@ -520,6 +606,7 @@ impl Splicer {
                     ..DirectionState::default()
                 },
             ],
+            local: local_ep,
         })
     }
 
@@ -540,16 +627,31 @@ impl Splicer {
             started,
             route_id,
             resume,
+            local,
         } = flow;
-        let _running = RunGuard::enter(self);
-        let detach = self.detach.subscribe();
+        // A local flow (the endpoint's sends go through sk_msg) stays with this agent through a
+        // hot restart, like a userspace copy: the handoff carries no local-redirect state, so it
+        // is neither counted for the takeover nor ever asked to leave its watch.
+        let _running = local.is_none().then(|| RunGuard::enter(self));
+        let (_never_tx, never_detach) = watch::channel(false);
+        let detach = if local.is_some() {
+            never_detach
+        } else {
+            self.detach.subscribe()
+        };
         let [mut up_state, mut down_state] = resume;
         let (mut down, mut up) = (down, up);
+        let mut bypassed = None;
         let (end, copied_up, copied_down) = loop {
             // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
             let to_up = Direction::new(self, &down, &up, down_cookie, up_state, 1, detach.clone());
-            let to_down =
+            let mut to_down =
                 Direction::new(self, &up, &down, up_cookie, down_state, 0, detach.clone());
+            if let Some((_, ep)) = local {
+                to_down.bypass = Some(ep);
+                // sk_msg's limit events carry the endpoint socket's cookie.
+                lock(&self.watchers).insert(ep, to_down.wake.clone());
+            }
             let drained = async {
                 // A dropped sender means nobody will ask this flow to drain.
                 if drain.wait_for(|d| *d).await.is_err() {
@@ -561,6 +663,7 @@ impl Splicer {
             let outcome = tokio::select! {
                 result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
                     Ok((Outcome::Ended(u), Outcome::Ended(d))) => {
+                        bypassed = Some(d.bypassed);
                         break (FlowEnd::Closed, u.copied, d.copied);
                     }
                     Ok((u, d)) => Some((u.state(), d.state())),
@@ -581,10 +684,15 @@ impl Splicer {
                     (up_cookie, &down, down_state.agent_written, 0),
                 ];
                 for (src_cookie, dst, agent_written, dst_syn) in queues {
+                    // The endpoint's redirected bytes are in the client's stream already.
+                    let agent_written = agent_written
+                        + local
+                            .filter(|_| src_cookie == up_cookie)
+                            .map_or(0, |(_, ep)| self.side(ep).redirected_bytes);
                     let deadline = Instant::now() + Duration::from_secs(1);
                     while Instant::now() < deadline
                         && matches!(
-                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn),
+                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, None),
                             Ok(false)
                         )
                     {
@@ -635,7 +743,16 @@ impl Splicer {
                 }
             }
         };
-        let (d, u) = (self.side(down_cookie), self.side(up_cookie));
+        let (d, mut u) = (self.side(down_cookie), self.side(up_cookie));
+        if let (Some(redirect), Some((reg, ep))) = (&self.local, local) {
+            // A cleanly closed flow's count was checked against the client's stream at EOF.
+            let e = self.side(ep);
+            u.redirected_bytes += bypassed.unwrap_or(e.redirected_bytes);
+            redirect.forget(&reg);
+            let _ = lock(&self.flows).remove(&ep);
+            let _ = lock(&self.ctrl).remove(&ep);
+            lock(&self.watchers).remove(&ep);
+        }
         self.records.remove(down_cookie);
         self.forget(down_cookie, up_cookie);
         self.routes.release(route_id, copied_up, copied_down);
@@ -734,6 +851,8 @@ impl Splicer {
                     ..state.down
                 },
             ],
+            // Local flows stay with the agent that spliced them (see `Splicer::run`).
+            local: None,
         })
     }
 
@@ -747,12 +866,14 @@ impl Splicer {
         dst: &TcpStream,
         agent_written: u64,
         dst_syn: u64,
+        bypass: Option<u64>,
     ) -> io::Result<bool> {
         let Some(in_tcp) = tcp_stream_bytes(dst)? else {
             return Ok(false);
         };
         let side = self.side(src_cookie);
-        Ok(in_tcp.saturating_sub(dst_syn) >= side.redirected_bytes + agent_written)
+        let bypassed = bypass.map_or(0, |ep| self.side(ep).redirected_bytes);
+        Ok(in_tcp.saturating_sub(dst_syn) >= side.redirected_bytes + agent_written + bypassed)
     }
 
     /// The kernel's view of one side (zeros if the entry is gone).
@@ -822,6 +943,10 @@ struct Direction<'a> {
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
     wake: Arc<Notify>,
+    /// The endpoint socket's cookie when the local redirect carries this direction's bytes from
+    /// the endpoint straight into `dst` (`src` brings the FIN or reset, and the bytes after a
+    /// fallback): `dst`'s stream holds those bytes besides what went through `src`.
+    bypass: Option<u64>,
     /// `src`'s receive-window clamp before the agent touched it; restored on release.
     original_clamp: Option<libc::c_int>,
     /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
@@ -901,6 +1026,7 @@ impl<'a> Direction<'a> {
                 .clamp_level
                 .map(|l| usize::from(l).min(CLAMP_LEVELS.len() - 1)),
             rcvbuf_locked: state.rcvbuf_locked,
+            bypass: None,
             last_queued: 0,
             over_ticks: 0,
             copied: state.copied,
@@ -914,6 +1040,7 @@ impl<'a> Direction<'a> {
         if self.finished {
             return Ok(Outcome::Ended(DirectionEnd {
                 copied: self.copied,
+                bypassed: 0,
             }));
         }
         let result = self.watch().await;
@@ -975,9 +1102,10 @@ impl<'a> Direction<'a> {
             loop {
                 match self.src.try_read(&mut buf) {
                     Ok(0) => {
-                        self.finish().await?;
+                        let bypassed = self.finish().await?;
                         return Ok(Outcome::Ended(DirectionEnd {
                             copied: self.copied,
+                            bypassed,
                         }));
                     }
                     Ok(n) => {
@@ -999,6 +1127,22 @@ impl<'a> Direction<'a> {
     /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
     /// move the limit. Returns whether the direction is still hot.
     fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
+        if let Some(ep) = self.bypass {
+            let e = self.splicer.side(ep);
+            if e.passed_bytes == 0 {
+                // sk_msg still redirects: keep its limit a window past what the client acked.
+                let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written);
+                let window = super::local::WINDOW.min(self.splicer.budget);
+                self.splicer
+                    .set_ctrl(ep, 1, acked + window)
+                    .map_err(io::Error::other)?;
+                let now = Instant::now();
+                if e.redirected_bytes != last.0 {
+                    *last = (e.redirected_bytes, now);
+                }
+                return Ok(now.duration_since(last.1) < COOL_AFTER);
+            }
+        }
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
@@ -1007,7 +1151,8 @@ impl<'a> Direction<'a> {
             return Ok(true);
         };
         let side = self.splicer.side(self.src_cookie);
-        self.check_not_ahead(&side, in_tcp)?;
+        let bypassed = self.bypassed();
+        self.check_not_ahead(&side, in_tcp, bypassed)?;
         // Redirected first, received second (received only grows): more redirected than received
         // means the kernel handed the same bytes to the verdict twice.
         let received = tcp_bytes_received(self.src)?;
@@ -1017,7 +1162,7 @@ impl<'a> Direction<'a> {
                 side.redirected_bytes + self.agent_written
             )));
         }
-        let taken = in_tcp.saturating_sub(self.agent_written);
+        let taken = in_tcp.saturating_sub(self.agent_written + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
         let budget = self.splicer.budget;
@@ -1108,8 +1253,8 @@ impl<'a> Direction<'a> {
     /// that means the kernel sent something twice. On 6.18 we saw one loopback skb (65483 bytes)
     /// arrive twice in about one of 16 slow-receiver runs, with no byte through userspace. Such a
     /// stream is broken: reset it (the caller resets both sides) rather than let it go on silently.
-    fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64) -> io::Result<()> {
-        let expected_max = side.redirected_bytes + self.agent_written;
+    fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64, bypassed: u64) -> io::Result<()> {
+        let expected_max = side.redirected_bytes + self.agent_written + bypassed;
         if in_tcp > expected_max {
             return Err(self.integrity_error(format!(
                 "the peer's TCP stream holds {in_tcp} bytes but only {expected_max} were redirected or \
@@ -1119,8 +1264,9 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
-    /// At EOF: what `src` received went exactly once into `dst`'s stream.
-    fn check_complete(&self) -> io::Result<()> {
+    /// At EOF: what `src` received went exactly once into `dst`'s stream. Returns the bytes that
+    /// reached `dst`'s stream past `src` (local redirect; 0 otherwise).
+    fn check_complete(&self) -> io::Result<u64> {
         let side = self.splicer.side(self.src_cookie);
         let moved = side.redirected_bytes + self.agent_written;
         // At EOF the FIN has been received, and counts as one byte.
@@ -1139,14 +1285,22 @@ impl<'a> Direction<'a> {
                 "the peer's send stream kept moving at EOF; cannot confirm the spliced bytes",
             ));
         };
-        if received != moved || in_tcp != moved {
+        let bypassed = self.bypassed();
+        if received != moved || in_tcp != moved + bypassed {
             return Err(self.integrity_error(format!(
                 "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
-                 peer's stream",
+                 peer's stream ({bypassed} sent there directly by a local endpoint)",
                 side.redirected_bytes, self.agent_written
             )));
         }
-        Ok(())
+        Ok(bypassed)
+    }
+
+    /// Bytes the local redirect pushed into `dst` from the endpoint (0 without it). Read after
+    /// `dst`'s stream: the count only grows, so it can only overstate what the stream should hold.
+    fn bypassed(&self) -> u64 {
+        self.bypass
+            .map_or(0, |ep| self.splicer.side(ep).redirected_bytes)
     }
 
     /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN);
@@ -1174,6 +1328,7 @@ impl<'a> Direction<'a> {
                 self.dst,
                 self.agent_written,
                 self.dst_syn,
+                self.bypass,
             )?;
             if done {
                 return Ok(());
@@ -1185,7 +1340,7 @@ impl<'a> Direction<'a> {
 
     /// EOF on `src`: forward the FIN once every byte before it went through the verdict and
     /// reached `dst`'s TCP stream.
-    async fn finish(&self) -> io::Result<()> {
+    async fn finish(&self) -> io::Result<u64> {
         // Every data byte `src` received is redirected or was moved by the agent; the FIN counts
         // one. Until the two agree the kernel is still working through the receive queue.
         let deadline = Instant::now() + FIN_PROCESSED_WAIT;
@@ -1210,10 +1365,10 @@ impl<'a> Direction<'a> {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         self.wait_redirects_in_tcp().await?;
-        self.check_complete()?;
+        let bypassed = self.check_complete()?;
         match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Ok(()) => Ok(bypassed),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(bypassed),
             Err(e) => Err(e),
         }
     }
@@ -1231,6 +1386,11 @@ fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
 fn tcp_bytes_received(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_received)
+}
+
+/// Fixes the send buffer (CAP_NET_ADMIN: not capped by `net.core.wmem_max`).
+fn set_sndbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
 }
 
 /// Fixes the receive buffer (CAP_NET_ADMIN: not capped by `net.core.rmem_max`).

@@ -159,6 +159,8 @@ impl Guard {
             zone_ingress_common::map_names::SOCKS,
             zone_ingress_common::map_names::FLOWS,
             zone_ingress_common::map_names::CTRL,
+            zone_ingress_common::map_names::LOCAL_SOCKS,
+            zone_ingress_common::map_names::LOCAL_FLOWS,
         ] {
             loader.map_max_entries(name, 1);
         }

@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use zone_ingress_common::{
-    DATAPATH_SOCKMAP, DATAPATH_USERSPACE, FlowInfo, FlowSide, NO_ROUTE, SockAddr, map_names,
+    DATAPATH_SOCKMAP, DATAPATH_SOCKMAP_LOCAL, DATAPATH_USERSPACE, FlowInfo, FlowSide, NO_ROUTE,
+    SockAddr, map_names,
 };
 
 use super::pinned::{PinDir, entries};
@@ -45,6 +46,7 @@ fn datapath(d: u32) -> &'static str {
     match d {
         DATAPATH_SOCKMAP => "sockmap",
         DATAPATH_USERSPACE => "userspace",
+        DATAPATH_SOCKMAP_LOCAL => "sockmap_local",
         _ => "unknown",
     }
 }
@@ -70,11 +72,12 @@ pub fn read(pins: &PinDir) -> Result<Vec<FlowRow>, MapsError> {
     let redirected = |cookie: u64| sides.get(&cookie, 0).map_or(0, |s| s.redirected_bytes);
     let mut rows = Vec::new();
     for (cookie, f) in entries(map_names::FLOW_INFO, &info)? {
-        let (kernel_up, kernel_down) = if f.datapath == DATAPATH_SOCKMAP {
-            (redirected(cookie), redirected(f.up_cookie))
-        } else {
-            (0, 0)
-        };
+        let (kernel_up, kernel_down) =
+            if f.datapath == DATAPATH_SOCKMAP || f.datapath == DATAPATH_SOCKMAP_LOCAL {
+                (redirected(cookie), redirected(f.up_cookie))
+            } else {
+                (0, 0)
+            };
         let route = (f.route_id != NO_ROUTE).then_some(f.route_id);
         let name = route.and_then(|id| names.get(&id));
         rows.push(FlowRow {
