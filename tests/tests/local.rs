@@ -674,3 +674,86 @@ async fn ipv6_endpoint_is_local() {
     })
     .await
 }
+
+/// A hot restart with local flows: the handoff carries no `sk_msg` state, so they stay with the
+/// old agent, keep moving verified bytes there, and the old agent exits once they ended; the new
+/// agent takes new flows, locally too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_restart_leaves_local_flows_with_the_old_agent() {
+    let _serial = SERIAL.lock().await;
+    run_test(Duration::from_secs(90), async {
+        const LIVE: usize = 4;
+        let topo = Topology::new();
+        let _backend = Backend::start(&topo.ingress, local_endpoint(9443), Behaviour::Echo).await;
+        let mut opts = options("auto");
+        opts.extra_args
+            .extend(["--drain-time".to_string(), "20s".to_string()]);
+        let mut old = Agent::start(
+            &topo.ingress,
+            &[Route::new(SNI_BACKEND, &[local_endpoint(9443)])],
+            opts,
+        )
+        .await;
+        let mut live = Vec::new();
+        for i in 0..LIVE {
+            let mut s = tls::connect(&topo.client, old.addr(), SNI_BACKEND)
+                .await
+                .unwrap_or_else(|e| panic!("flow {i}: connect: {e}"));
+            tls::echo_roundtrip(&mut s, &[i as u8; 16 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("flow {i} before the upgrade: {e}"));
+            live.push(s);
+        }
+        let m = old.metrics().await;
+        assert!(
+            flows_total(&m, "sockmap_local") >= LIVE as f64,
+            "the flows were not local:\n{}",
+            m.dump("zone_ingress_flows")
+        );
+
+        let mut new = old.upgrade();
+        new.wait_ready(Duration::from_secs(20)).await;
+        let start = Instant::now();
+        while !new.stderr().contains("hot restart: took over") {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the new agent did not take over:\n{}",
+                new.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            old.is_running(),
+            "the old agent exited while it held local flows"
+        );
+        for (i, s) in live.iter_mut().enumerate() {
+            tls::echo_roundtrip(s, &[0xa5 ^ i as u8; 64 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("local flow {i} after the upgrade: {e}"));
+            s.shutdown().await.expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.expect("EOF after shutdown");
+        }
+        let status = old.wait_exit(Duration::from_secs(15)).await;
+        assert!(status.success(), "the old agent exited with {status}");
+        assert!(
+            !old.stderr().contains("integrity check failed"),
+            "{}",
+            old.stderr()
+        );
+
+        let mut s = tls::connect(&topo.client, new.addr(), SNI_BACKEND)
+            .await
+            .expect("a new flow through the new agent");
+        tls::echo_roundtrip(&mut s, &[7u8; 16 * 1024])
+            .await
+            .expect("echo through the new agent");
+        let m = new.metrics().await;
+        assert!(
+            flows_total(&m, "sockmap_local") >= 1.0,
+            "the new agent's flow was not local:\n{}",
+            m.dump("zone_ingress_flows")
+        );
+    })
+    .await;
+}
