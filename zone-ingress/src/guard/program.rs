@@ -60,8 +60,8 @@ pub enum GuardError {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SharedLink {
     pub interface: String,
-    /// `native` or `generic`: a link keeps the mode it was created with.
-    pub mode: String,
+    /// A link keeps the mode it was created with.
+    pub mode: Attached,
     pub path: PathBuf,
 }
 
@@ -90,7 +90,8 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> GuardError {
 }
 
 /// The mode the program ended up attached in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Attached {
     Native,
     Generic,
@@ -185,11 +186,7 @@ impl Guard {
         // The maps hold the settings before the first packet meets the program.
         maps.apply(settings)?;
 
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_NAME)
-            .ok_or(GuardError::NoProgram)?
-            .try_into()
-            .map_err(GuardError::Load)?;
+        let prog = xdp_program(&mut ebpf)?;
         prog.load().map_err(GuardError::Load)?;
         let inherited = inherited.filter(|l| {
             let same = l.interface == iface;
@@ -203,66 +200,23 @@ impl Guard {
             }
             same
         });
-        if let Some(shared) = inherited {
-            let link = take_over_link(prog, shared)?;
-            let attached = if shared.mode == Attached::Native.as_str() {
-                Attached::Native
-            } else {
-                Attached::Generic
-            };
-            tracing::info!(
-                interface = iface,
-                mode = attached.as_str(),
-                port,
-                pin_dir = %pin_dir.display(),
-                "XDP guard: took over the running agent's XDP attachment (program replaced on its link)"
-            );
-            return Ok(Self {
-                ebpf,
-                link: LinkHold::Program(link),
-                maps,
-                counters,
-                interface: iface.to_owned(),
-                attached,
-                pin_dir: pin_dir.to_path_buf(),
-            });
-        }
-        // A pin left by an agent that died during a handoff would keep its program attached.
-        let stale = shared_link_path(pin_dir);
-        if stale.exists() {
-            tracing::warn!(path = %stale.display(), "XDP guard: removing an XDP link pin left by an interrupted hot restart");
-            let _ = std::fs::remove_file(&stale);
-        }
-        let attach = |prog: &mut Xdp, mode: AyaXdpMode, name: &'static str| {
-            prog.attach(iface, mode)
-                .map_err(|source| GuardError::Attach {
-                    iface: iface.to_owned(),
-                    mode: name,
-                    source,
-                })
-        };
-        let (link, attached) = match settings.mode {
-            XdpMode::Native => (
-                attach(prog, AyaXdpMode::Driver, "native")?,
-                Attached::Native,
+        let (link, attached, how) = match inherited {
+            Some(shared) => (
+                take_over_link(prog, shared)?,
+                shared.mode,
+                "XDP guard: took over the running agent's XDP attachment (program replaced on its link)",
             ),
-            XdpMode::Generic => (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic),
-            XdpMode::Auto => match attach(prog, AyaXdpMode::Driver, "native") {
-                Ok(link) => (link, Attached::Native),
-                Err(e) => {
-                    tracing::warn!(interface = iface, error = %e,
-                        "XDP guard: native mode unavailable, falling back to generic (SKB) mode: \
-                         packets are inspected after the kernel built an skb, which costs more per packet");
-                    (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic)
-                }
-            },
+            None => {
+                let (link, attached) = attach_fresh(prog, settings.mode, iface, pin_dir)?;
+                (link, attached, "XDP guard attached")
+            }
         };
         tracing::info!(
             interface = iface,
             mode = attached.as_str(),
             port,
             pin_dir = %pin_dir.display(),
-            "XDP guard attached"
+            "{how}"
         );
         Ok(Self {
             ebpf,
@@ -273,14 +227,6 @@ impl Guard {
             attached,
             pin_dir: pin_dir.to_path_buf(),
         })
-    }
-
-    fn program(&mut self) -> Result<&mut Xdp, GuardError> {
-        self.ebpf
-            .program_mut(PROG_NAME)
-            .ok_or(GuardError::NoProgram)?
-            .try_into()
-            .map_err(GuardError::Load)
     }
 
     /// Pins this agent's XDP link for a new agent (hot restart). Our descriptor stays open, so
@@ -295,7 +241,7 @@ impl Guard {
         };
         let fd_link = match std::mem::replace(&mut self.link, LinkHold::None) {
             LinkHold::Program(id) => {
-                let prog = match self.program() {
+                let prog = match xdp_program(&mut self.ebpf) {
                     Ok(p) => p,
                     Err(e) => {
                         self.link = LinkHold::Program(id);
@@ -340,7 +286,7 @@ impl Guard {
     fn shared(&self, path: PathBuf) -> SharedLink {
         SharedLink {
             interface: self.interface.clone(),
-            mode: self.attached.as_str().to_owned(),
+            mode: self.attached,
             path,
         }
     }
@@ -473,4 +419,52 @@ fn take_over_link(prog: &mut Xdp, shared: &SharedLink) -> Result<XdpLinkId, Guar
     let link = XdpLink::try_from(fd_link).map_err(|e| err(format!("not an XDP link: {e}")))?;
     prog.attach_to_link(link)
         .map_err(|e| err(format!("replacing the program on the link: {e}")))
+}
+
+/// The guard's program in the loaded object.
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, GuardError> {
+    ebpf.program_mut(PROG_NAME)
+        .ok_or(GuardError::NoProgram)?
+        .try_into()
+        .map_err(GuardError::Load)
+}
+
+/// Attaches `prog` to `iface` with a new XDP link in `mode` (auto: native, else generic), after
+/// removing a link pin an interrupted hot restart may have left in `pin_dir`.
+fn attach_fresh(
+    prog: &mut Xdp,
+    mode: XdpMode,
+    iface: &str,
+    pin_dir: &Path,
+) -> Result<(XdpLinkId, Attached), GuardError> {
+    // A pin left by an agent that died during a handoff would keep its program attached.
+    let stale = shared_link_path(pin_dir);
+    if stale.exists() {
+        tracing::warn!(path = %stale.display(), "XDP guard: removing an XDP link pin left by an interrupted hot restart");
+        let _ = std::fs::remove_file(&stale);
+    }
+    let attach = |prog: &mut Xdp, mode: AyaXdpMode, name: &'static str| {
+        prog.attach(iface, mode)
+            .map_err(|source| GuardError::Attach {
+                iface: iface.to_owned(),
+                mode: name,
+                source,
+            })
+    };
+    Ok(match mode {
+        XdpMode::Native => (
+            attach(prog, AyaXdpMode::Driver, "native")?,
+            Attached::Native,
+        ),
+        XdpMode::Generic => (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic),
+        XdpMode::Auto => match attach(prog, AyaXdpMode::Driver, "native") {
+            Ok(link) => (link, Attached::Native),
+            Err(e) => {
+                tracing::warn!(interface = iface, error = %e,
+                    "XDP guard: native mode unavailable, falling back to generic (SKB) mode: \
+                     packets are inspected after the kernel built an skb, which costs more per packet");
+                (attach(prog, AyaXdpMode::Skb, "generic")?, Attached::Generic)
+            }
+        },
+    })
 }
