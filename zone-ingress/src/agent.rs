@@ -274,7 +274,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => (AccessLog::disabled(stats.clone()), None),
     };
     let (drain_tx, drain_rx) = watch::channel(false);
-    let probe = splicer.clone();
 
     let flows = Arc::new(ActiveFlows::default());
     let ingress = Arc::new(Ingress {
@@ -303,12 +302,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     } else {
         // The guard can be attached (or re-attached) by a reload of the agent configuration later.
         let guard_in_play = guard.attached() || opts.agent_config.is_some();
-        drop_capabilities(probe.as_deref(), guard_in_play);
+        drop_capabilities(splicer.as_deref(), guard_in_play);
     }
-    if let Some(s) = &probe {
+    if let Some(s) = &splicer {
         s.sync_routes(&routes.load());
     }
-    drop(probe);
     let (mut stop_tx, stop_rx) = watch::channel(false);
     let mut server = Some(tokio::spawn(listener::serve(
         listener,

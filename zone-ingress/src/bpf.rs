@@ -110,9 +110,9 @@ pub enum Pins {
     Reuse,
 }
 
-/// Every map a hot restart takes over: the pinned ones plus the limit-event ring, which the
-/// verdict attached to already spliced sockets keeps writing to.
-pub const REUSED_MAPS: [&str; 8] = [
+/// Every map the splice pins, and so every map a hot restart takes over: the limit-event ring
+/// too, which the verdict attached to already spliced sockets keeps writing to.
+pub const PINNED_MAPS: [&str; 8] = [
     map_names::SOCKS,
     map_names::FLOWS,
     map_names::CTRL,
@@ -138,7 +138,7 @@ pub enum Incompatible {
 pub fn check_reusable(pin_dir: &Path) -> Result<(), Incompatible> {
     let object = embedded_object(pin_dir).map_err(|e| Incompatible::Object(e.to_string()))?;
     let parsed = aya_obj::Object::parse(object).map_err(|e| Incompatible::Object(e.to_string()))?;
-    for name in REUSED_MAPS {
+    for name in PINNED_MAPS {
         let err = |detail: String| Incompatible::Map { name, detail };
         let declared = parsed
             .maps
@@ -175,17 +175,6 @@ pub fn check_reusable(pin_dir: &Path) -> Result<(), Incompatible> {
     Ok(())
 }
 
-/// Every map the agent pins (the ring buffer is not pinned: only the agent can consume it).
-pub const PINNED_MAPS: [&str; 7] = [
-    map_names::SOCKS,
-    map_names::FLOWS,
-    map_names::CTRL,
-    map_names::COUNTERS,
-    map_names::ROUTES,
-    map_names::ROUTE_BYTES,
-    map_names::FLOW_INFO,
-];
-
 impl std::fmt::Debug for BpfPrograms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BpfPrograms")
@@ -206,7 +195,7 @@ impl BpfPrograms {
     pub fn load(pin_dir: &Path, pins: Pins) -> Result<Self, BpfError> {
         let object = embedded_object(pin_dir)?;
         if pins == Pins::Replace {
-            for name in REUSED_MAPS {
+            for name in PINNED_MAPS {
                 let path = pin_dir.join(name);
                 if path.exists() {
                     tracing::debug!(path = %path.display(), "replacing a pin left by a previous run");
@@ -217,11 +206,6 @@ impl BpfPrograms {
                 }
             }
         }
-        // The loader opens a map pinned at its path, or creates and pins it there.
-        let paths: Vec<(&'static str, PathBuf)> = REUSED_MAPS
-            .iter()
-            .map(|name| (*name, pin_dir.join(name)))
-            .collect();
         let mut loader = EbpfLoader::new();
         if let Some(n) = max_sockets()? {
             tracing::warn!(
@@ -234,8 +218,9 @@ impl BpfPrograms {
             }
             loader.map_max_entries(map_names::FLOW_INFO, (n / 2).max(1));
         }
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        // The loader opens a map pinned at its path, or creates and pins it there.
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, pin_dir.join(name));
         }
         let mut ebpf = loader.load(object)?;
         spawn_bpf_logger(&mut ebpf);
