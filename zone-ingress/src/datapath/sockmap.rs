@@ -684,15 +684,12 @@ impl Splicer {
                     (up_cookie, &down, down_state.agent_written, 0),
                 ];
                 for (src_cookie, dst, agent_written, dst_syn) in queues {
-                    // The endpoint's redirected bytes are in the client's stream already.
-                    let agent_written = agent_written
-                        + local
-                            .filter(|_| src_cookie == up_cookie)
-                            .map_or(0, |(_, ep)| self.side(ep).redirected_bytes);
+                    // The endpoint's sk_msg bytes go to the client's stream too.
+                    let bypass = local.filter(|_| src_cookie == up_cookie).map(|(_, ep)| ep);
                     let deadline = Instant::now() + Duration::from_secs(1);
                     while Instant::now() < deadline
                         && matches!(
-                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, None),
+                            self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, bypass),
                             Ok(false)
                         )
                     {
