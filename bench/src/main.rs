@@ -12,6 +12,7 @@ mod chart;
 mod guard;
 mod idle;
 mod load;
+mod procfs;
 mod progress;
 mod proxy;
 mod report;

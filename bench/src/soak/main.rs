@@ -12,6 +12,8 @@
 //! Needs root (namespaces, BPF).
 
 mod mem;
+#[path = "../procfs.rs"]
+mod procfs;
 mod traffic;
 
 use std::process::ExitCode;

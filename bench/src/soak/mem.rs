@@ -1,6 +1,8 @@
 //! Memory readings for the soak: the agent's RSS, its namespace's TCP sockets, the kernel's TCP
 //! memory and slab, and the rule that decides whether memory "keeps growing".
 
+use crate::procfs::{kib_line, sockstat_field};
+
 /// One sample. Kernel-wide figures (TCP mem, slab) include everything else on the machine.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
@@ -16,37 +18,17 @@ pub struct Sample {
     pub slab_kib: u64,
 }
 
-fn field(text: &str, line_prefix: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with(line_prefix))?;
-    let mut words = line[line_prefix.len()..].split_whitespace();
-    while let Some(w) = words.next() {
-        if w == key {
-            return words.next()?.parse().ok();
-        }
-    }
-    None
-}
-
-fn kib(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Reads everything; `None` when the agent is gone (its /proc entry vanished).
 pub fn sample(agent_pid: u32) -> Option<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{agent_pid}/status")).ok()?;
     let sockstat = std::fs::read_to_string(format!("/proc/{agent_pid}/net/sockstat")).ok()?;
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     Some(Sample {
-        rss_kib: kib(&status, "VmRSS:")?,
-        tcp_inuse: field(&sockstat, "TCP:", "inuse")?,
-        tcp_mem_pages: field(&sockstat, "TCP:", "mem")?,
-        sunreclaim_kib: kib(&meminfo, "SUnreclaim:")?,
-        slab_kib: kib(&meminfo, "Slab:")?,
+        rss_kib: kib_line(&status, "VmRSS:")?,
+        tcp_inuse: sockstat_field(&sockstat, "TCP:", "inuse")?,
+        tcp_mem_pages: sockstat_field(&sockstat, "TCP:", "mem")?,
+        sunreclaim_kib: kib_line(&meminfo, "SUnreclaim:")?,
+        slab_kib: kib_line(&meminfo, "Slab:")?,
     })
 }
 
@@ -119,15 +101,5 @@ mod tests {
             "growth within tolerance"
         );
         assert!(judge(&flat[..5], TOL).is_none());
-    }
-
-    #[test]
-    fn parses_sockstat_and_meminfo() {
-        let s =
-            "sockets: used 120\nTCP: inuse 7 orphan 0 tw 3 alloc 9 mem 42\nUDP: inuse 0 mem 0\n";
-        assert_eq!(field(s, "TCP:", "inuse"), Some(7));
-        assert_eq!(field(s, "TCP:", "mem"), Some(42));
-        let m = "Slab:             123 kB\nSUnreclaim:        45 kB\n";
-        assert_eq!(kib(m, "SUnreclaim:"), Some(45));
     }
 }
