@@ -76,15 +76,32 @@ fn launch_inner(args: Vec<OsString>) -> Result<u32, String> {
         )),
         None => {
             // The pipe closed without a report: the new agent exited (or never reached the
-            // takeover). Its status says which; its log says why.
-            let status = match child.try_wait() {
-                Ok(Some(s)) => describe(s),
-                _ => "still running without reporting".to_string(),
+            // takeover). Its status says which; its log says why. The kernel closes an exiting
+            // process's descriptors before it can be reaped, so the status may lag the EOF by
+            // a moment: wait for it, briefly.
+            let status = match wait_exit(&mut child, EXIT_GRACE) {
+                Some(s) => describe(s),
+                None => "still running without reporting".to_string(),
             };
             Err(format!(
                 "the new agent (pid {pid}) ended before taking over ({status}); the running \
                  agent keeps serving; the new agent's log (same journal) says why"
             ))
+        }
+    }
+}
+
+/// How long the launcher waits for the exit status of a new agent that closed its report pipe.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// The child's exit status once it has one, polled until `grace` runs out.
+fn wait_exit(child: &mut std::process::Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
         }
     }
 }
