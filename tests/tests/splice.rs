@@ -449,7 +449,6 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
 /// on the socket instead (SK_PASS) duplicated skbs on the verdict-only read path and stalled on the
 /// parser path; see ARCHITECTURE.md. Run it with `--ignored`; it must pass before issue 3 closes.
 /// `ZI_SPLICE_TRACE=1` prints every sample.
-#[ignore = "issue 3 open: window clamping does not hold a sender on a ~15 us RTT path (see the doc comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_is_bounded() {
     let _serial = SERIAL.lock().await;

@@ -16,7 +16,8 @@ pub mod map_names {
     pub const SOCKS: &str = "ZI_SOCKS";
     /// Socket cookie -> [`super::FlowSide`] (peer cookie and counters), written by the verdict.
     pub const FLOWS: &str = "ZI_FLOWS";
-    /// Socket cookie -> [`super::FlowCtrl`] (armed, redirect limit), written by the agent.
+    /// Socket cookie -> [`super::FlowCtrl`] (armed, redirect limit, forwarded bytes), written by
+    /// the agent.
     pub const CTRL: &str = "ZI_CTRL";
     /// Ring buffer of socket cookies whose redirected bytes passed their limit.
     pub const EVENTS: &str = "ZI_EVENTS";
@@ -41,7 +42,6 @@ pub mod map_names {
 /// Program names in the BPF object.
 pub mod prog_names {
     pub const SK_SKB_VERDICT: &str = "zi_stream_verdict";
-    pub const SK_SKB_PARSER: &str = "zi_stream_parser";
     /// cgroup `sock_ops`: puts the endpoint side of a registered upstream connection into
     /// `ZI_LOCAL_SOCKS`.
     pub const LOCAL_SOCK_OPS: &str = "zi_local_sockops";
@@ -64,7 +64,8 @@ pub struct FlowSide {
     pub redirected_bytes: u64,
     /// Segments (skbs) redirected.
     pub redirected_skbs: u64,
-    /// Bytes passed to the socket's own queue for the agent (only before the flow is armed).
+    /// Bytes passed to the socket's own queue for the agent: before the flow is armed, and while
+    /// it is paused (the peer's redirect queue was over budget).
     pub passed_bytes: u64,
     /// Times the redirected bytes passed the agent's limit (one event each).
     pub limit_events: u64,
@@ -78,6 +79,13 @@ pub struct FlowSide {
     /// Which way this socket's incoming bytes go: [`DIR_UP`] (client -> endpoint) or
     /// [`DIR_DOWN`]. Set by the agent.
     pub direction: u32,
+    /// 1 while paused: the verdict passes every skb to the socket's own queue, where it is
+    /// charged to the socket's receive memory, so its TCP window closes and the sender slows.
+    /// The agent forwards those bytes; the verdict resumes redirecting at the first skb that
+    /// arrives once the agent forwarded every passed byte (`FlowCtrl::forwarded`).
+    pub paused: u64,
+    /// Times the flow paused.
+    pub pauses: u64,
 }
 
 /// [`FlowSide::direction`] of the client's socket: its bytes go to the endpoint.
@@ -270,8 +278,8 @@ pub struct FlowInfo {
 
 // Every value is a multiple of 8 bytes with no padding, so `bpftool map dump` shows whole u64
 // words and a reader can check a pinned map against these sizes.
-const _: () = assert!(core::mem::size_of::<FlowSide>() == 64);
-const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowSide>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteBytes>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
@@ -286,11 +294,15 @@ pub struct FlowCtrl {
     /// 0 until the agent armed the flow: the verdict passes every byte to the socket's own queue
     /// (where the userspace copy reads it). 1: redirect.
     pub armed: u64,
-    /// When `redirected_bytes` passes this, the verdict sends the cookie on `ZI_EVENTS` (and keeps
-    /// redirecting: bytes are never held back in the program). The agent sets it to (bytes the
-    /// peer's TCP stream took) + budget, so an event means the redirect queue may hold more than
-    /// the budget; the agent then slows the sender by clamping this socket's receive window.
+    /// The agent sets it to (bytes the peer's TCP stream took) + budget: redirected bytes past it
+    /// would leave more than the budget in the peer's redirect queue, outside TCP's memory
+    /// accounting. An skb that would pass it pauses the flow (`FlowSide::paused`) and sends the
+    /// socket's cookie on `ZI_EVENTS` (once per limit value).
     pub redirect_limit: u64,
+    /// Passed bytes the agent has read and written into the peer's TCP stream. A paused flow
+    /// resumes only when this equals `FlowSide::passed_bytes`: a redirected skb then lands behind
+    /// every byte the agent forwarded, never ahead of one still on its way.
+    pub forwarded: u64,
 }
 
 /// Size of the `ZI_EVENTS` ring buffer.
@@ -308,7 +320,7 @@ pub enum ProgCounter {
     DroppedEmpty = 2,
     /// `bpf_sk_redirect_hash` failed (peer not in the SockHash).
     RedirectFailed = 3,
-    /// skbs passed to the socket's own queue because the flow was not armed.
+    /// skbs passed to the socket's own queue: the flow was not armed, or paused.
     Passed = 4,
     /// Limit events sent to the agent.
     LimitEvents = 5,
@@ -327,10 +339,14 @@ pub enum ProgCounter {
     /// Local flows that reached their redirect limit (the client is slower than the endpoint):
     /// from then on their endpoint's sends take TCP, through the plain splice.
     LocalFellBack = 12,
+    /// Flows paused: an skb would have put more than the budget into the peer's redirect queue.
+    Paused = 13,
+    /// Paused flows that resumed redirecting.
+    Resumed = 14,
 }
 
 /// Number of [`ProgCounter`] slots.
-pub const PROG_COUNTERS: u32 = 13;
+pub const PROG_COUNTERS: u32 = 15;
 
 /// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
 pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
@@ -347,6 +363,8 @@ pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
     "local_passed",
     "local_redirect_failed",
     "local_fell_back",
+    "paused",
+    "resumed",
 ];
 
 #[cfg(feature = "user")]

@@ -16,7 +16,7 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::bpf_get_socket_cookie,
-    macros::{map, stream_parser, stream_verdict},
+    macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
@@ -70,16 +70,6 @@ pub(crate) fn count(counter: ProgCounter) {
     }
 }
 
-/// Stream parser: every skb is one message. Its only purpose is the read path it selects: with a
-/// parser the kernel reads the socket with `tcp_read_sock`, which honours the offset of an skb
-/// whose head was already received (a retransmission overlapping data TCP had accepted); the
-/// verdict-only path (`tcp_read_skb`) hands such an skb over whole, and its head is redirected
-/// twice (seen on 6.18 under window clamping: the same bytes sent to the peer twice).
-#[stream_parser]
-pub fn zi_stream_parser(ctx: SkBuffContext) -> u32 {
-    ctx.len()
-}
-
 #[stream_verdict]
 pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     let len = ctx.len() as u64;
@@ -92,7 +82,7 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY (all derefs of `side` and `ctrl` below): map value pointers, valid while the program
     // runs. skbs of one socket go through the verdict one at a time under the socket lock, so the
-    // FlowSide fields have a single writer; FlowCtrl is only read here.
+    // FlowSide fields have a single writer; FlowCtrl is only read here (the agent writes it whole).
     if len == 0 {
         // A FIN arrives as a zero-length skb; redirecting it puts EPIPE on the peer and disables its
         // transmit path. The agent propagates the FIN itself once the spliced bytes reached the peer.
@@ -101,28 +91,47 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         return SK_DROP;
     }
     // Not armed (no control entry, or armed = 0): pass everything to the socket's own queue, where
-    // the agent's userspace copy reads it. An armed flow never passes: bytes left on a spliced
-    // socket are not reliably accounted by the kernel (copied_seq), so every byte is redirected.
-    let (armed, limit) = match ZI_CTRL.get_ptr(cookie) {
-        Some(ctrl) => unsafe { ((*ctrl).armed, (*ctrl).redirect_limit) },
-        None => (0, 0),
+    // the agent's userspace copy reads it.
+    let (armed, limit, forwarded) = match ZI_CTRL.get_ptr(cookie) {
+        Some(ctrl) => unsafe { ((*ctrl).armed, (*ctrl).redirect_limit, (*ctrl).forwarded) },
+        None => (0, 0, 0),
     };
     if armed == 0 {
         unsafe { (*side).passed_bytes += len };
         count(ProgCounter::Passed);
         return SK_PASS;
     }
+    // Flow control (DESIGN.md section 3.7). Egress redirect has no backpressure, so past the
+    // limit the flow pauses: its bytes stay on this socket, charged to its receive memory, and
+    // TCP closes the window as a userspace proxy's full buffer would. The agent forwards them
+    // once the peer's queue drained; the first skb after it caught up is redirected again.
     unsafe {
-        if (*side).redirected_bytes + len > limit && (*side).notified_limit != limit {
-            // Past the limit: the peer's redirect queue may hold more than the budget. Tell the
-            // agent once per limit; it slows the sender through TCP and raises the limit.
-            (*side).notified_limit = limit;
-            (*side).limit_events += 1;
-            if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
-                count(ProgCounter::LimitEvents);
-            } else {
-                count(ProgCounter::EventsLost);
+        let within = (*side).redirected_bytes + len <= limit;
+        if (*side).paused != 0 {
+            if !(within && (*side).passed_bytes == forwarded) {
+                (*side).passed_bytes += len;
+                count(ProgCounter::Passed);
+                return SK_PASS;
             }
+            (*side).paused = 0;
+            count(ProgCounter::Resumed);
+        } else if !within {
+            (*side).paused = 1;
+            (*side).pauses += 1;
+            (*side).passed_bytes += len;
+            count(ProgCounter::Paused);
+            count(ProgCounter::Passed);
+            if (*side).notified_limit != limit {
+                // Wake the agent's watch of this direction (once per limit).
+                (*side).notified_limit = limit;
+                (*side).limit_events += 1;
+                if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
+                    count(ProgCounter::LimitEvents);
+                } else {
+                    count(ProgCounter::EventsLost);
+                }
+            }
+            return SK_PASS;
         }
     }
     let mut peer = unsafe { (*side).peer_cookie };

@@ -234,13 +234,12 @@ impl BpfPrograms {
         let route_bytes = take_map(&mut ebpf, map_names::ROUTE_BYTES, PerCpuArray::try_from)?;
         let flow_info = take_map(&mut ebpf, map_names::FLOW_INFO, HashMap::try_from)?;
 
-        // The parser only selects the offset-aware read path (see the program's comment).
-        // ZONE_INGRESS_SPLICE_PARSER=0 leaves it out, to compare the two paths.
-        let with_parser = std::env::var("ZONE_INGRESS_SPLICE_PARSER").map_or(true, |v| v != "0");
-        let mut names = vec![prog_names::SK_SKB_VERDICT];
-        if with_parser {
-            names.insert(0, prog_names::SK_SKB_PARSER);
-        }
+        // Verdict only, no stream parser: with a parser, 6.18 loses track of bytes the verdict
+        // passes to the socket (each strparser read sets copied_seq as if the previous read's
+        // passed bytes had been consumed), copied_seq overtakes rcv_nxt, data-ready stops firing
+        // and a paused flow stalls for good (seen in `slow_receiver_is_bounded`). See
+        // ARCHITECTURE.md, "Reading path and integrity".
+        let names = [prog_names::SK_SKB_VERDICT];
         for name in names {
             let program = |source| BpfError::Program { name, source };
             let prog: &mut SkSkb = ebpf

@@ -162,7 +162,7 @@ pub struct Stats {
     upstream_unavailable: Counter,
     route_reloads: Family<ResultLabel, Counter>,
     splice_fallbacks: Family<ReasonLabel, Counter>,
-    sender_clamps: Counter,
+    splice_pauses: Counter,
     queue_peak: Gauge,
     integrity_errors: Counter,
     access_log_dropped: Counter,
@@ -243,11 +243,11 @@ impl Stats {
             "Flows the kernel splice refused (they took the userspace copy), by reason",
             splice_fallbacks.clone(),
         );
-        let sender_clamps = Counter::default();
+        let splice_pauses = Counter::default();
         registry.register(
-            "splice_sender_clamps",
-            "Times a spliced flow's redirect queue exceeded the budget and its sender's window was clamped",
-            sender_clamps.clone(),
+            "splice_pauses",
+            "Times a spliced direction paused: its peer's redirect queue reached --splice-budget, so its bytes waited on its own socket (the sender slowed through TCP) and the agent forwarded them",
+            splice_pauses.clone(),
         );
         let queue_peak = Gauge::default();
         registry.register(
@@ -297,7 +297,7 @@ impl Stats {
             upstream_unavailable,
             route_reloads,
             splice_fallbacks,
-            sender_clamps,
+            splice_pauses,
             queue_peak,
             integrity_errors,
             access_log_dropped,
@@ -612,8 +612,8 @@ impl Stats {
         }
     }
 
-    pub fn sender_clamped(&self) {
-        self.sender_clamps.inc();
+    pub fn splice_paused(&self, n: u64) {
+        self.splice_pauses.inc_by(n);
     }
 
     pub fn splice_fallback(&self, reason: &'static str) {

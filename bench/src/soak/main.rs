@@ -390,12 +390,12 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
     );
     if let Some(m) = &last_metrics {
         println!(
-            "agent: flows {}, splice fallbacks {}, sender clamps {}, integrity errors {}",
+            "agent: flows {}, splice fallbacks {}, pauses {}, integrity errors {}",
             m.dump("zone_ingress_flows_total")
                 .trim()
                 .replace('\n', ", "),
             m.sum("zone_ingress_splice_fallbacks_total") + 0.0,
-            m.sum("zone_ingress_splice_sender_clamps_total") + 0.0,
+            m.sum("zone_ingress_splice_pauses_total") + 0.0,
             m.sum("zone_ingress_splice_integrity_errors_total") + 0.0
         );
     }

@@ -6,16 +6,21 @@
 //!   (duplicating its prefix), so each socket is read until empty before it is inserted, and
 //!   skbs that arrive between that read and the insert are pushed through the verdict at once
 //!   (SO_RCVLOWAT fires data-ready) instead of being read;
-//! - bytes a verdict passes to a spliced socket's own queue (`SK_PASS`) are not reliably accounted
-//!   by 6.18 (we saw a duplicated skb and an rmem warning), so an armed flow never passes: every
-//!   byte is redirected, and the flow is armed before its sockets are inserted.
+//! - the read path is verdict-only (`tcp_read_skb`), which hands an skb whose head TCP had
+//!   already accepted (an overlapping retransmission) to the verdict whole; the agent's integrity
+//!   checks turn such a duplicate into a reset of the flow, never a silent corruption. The parser
+//!   path that avoids it cannot hold bytes back: 6.18 miscounts `copied_seq` for passed bytes
+//!   there and a paused flow stalls (ARCHITECTURE.md, "Reading path and integrity").
 //!
-//! Bounded memory without `SK_PASS`: when a direction's redirected bytes pass the limit the agent
-//! set (what the peer's TCP stream took + budget), the verdict sends the socket's cookie on a ring
-//! buffer. The agent then watches that direction every millisecond: while the redirect queue holds
-//! more than the budget it clamps the *source* socket's receive window (`TCP_WINDOW_CLAMP`), so
-//! the remote sender slows down through TCP, and releases the clamp once the queue has drained to
-//! half the budget. A direction that goes quiet is no longer watched: idle flows cost nothing.
+//! Bounded memory (DESIGN.md section 3.7): the agent keeps, per direction, a limit of what the
+//! peer's TCP stream took plus the budget. An skb that would pass it pauses the flow: the verdict
+//! passes it (and every later one) to the source socket's own queue, where it is charged to the
+//! socket's receive memory, so TCP closes the window and the remote sender slows, as it would
+//! behind a userspace proxy's full buffer. The agent reads the passed bytes, waits until the
+//! redirect queue has drained into the peer's TCP stream, writes them there and publishes how many
+//! it forwarded; the verdict redirects again from the first skb that arrives once the agent has
+//! forwarded every passed byte, so a redirected byte never overtakes a passed one. While the peer
+//! stays slower than the sender the flow stays paused, copied by the agent at the peer's pace.
 //!
 //! FIN is not forwarded by the kernel: on EOF the agent waits until every redirected byte entered
 //! the peer's TCP stream, then shuts the peer's write side; a reset resets the other side.
@@ -24,6 +29,7 @@ use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -151,14 +157,8 @@ pub struct DirectionState {
     pub finished: bool,
     /// Bytes the agent moved itself on this direction (replayed or passed bytes).
     pub agent_written: u64,
-    /// Passed bytes the agent forwarded (for the flow's summary).
+    /// Passed bytes the agent forwarded (its `FlowCtrl::forwarded`; included in `agent_written`).
     pub copied: u64,
-    /// Index into the clamp levels while the sender is held back.
-    pub clamp_level: Option<u8>,
-    /// The source's window clamp before the agent touched it.
-    pub original_clamp: Option<i32>,
-    /// Whether the source's receive buffer was fixed.
-    pub rcvbuf_locked: bool,
     /// Start measuring at once (an adopted flow: its last limit event may have gone elsewhere).
     #[serde(skip)]
     pub hot: bool,
@@ -264,7 +264,7 @@ pub struct UserspaceFlow {
 
 /// The outcome of one direction.
 struct DirectionEnd {
-    /// Passed bytes the agent read and forwarded (only for a flow that was never armed).
+    /// Passed bytes the agent read and forwarded.
     copied: u64,
     /// Bytes that reached `dst`'s stream without passing `src` (the local redirect's `sk_msg`).
     bypassed: u64,
@@ -397,10 +397,7 @@ impl Splicer {
             ring,
             move |ring: &mut RingBuf<MapData>| {
                 // Another agent took the flows and reads this (shared, pinned) ring now.
-                if splicer
-                    .events_stopped
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                {
+                if splicer.events_stopped.load(Ordering::SeqCst) {
                     return;
                 }
                 while let Some(item) = ring.next() {
@@ -488,8 +485,8 @@ impl Splicer {
         };
         let route_id = self.routes.hold(route);
         // Armed before inserted: from its first skb, every byte of the flow is redirected.
-        let entries = self.set_ctrl(down_cookie, 1, self.budget).and_then(|_| {
-            self.set_ctrl(up_cookie, 1, self.budget)?;
+        let entries = self.set_ctrl(down_cookie, 1, self.budget, 0).and_then(|_| {
+            self.set_ctrl(up_cookie, 1, self.budget, 0)?;
             let mut flows = lock(&self.flows);
             flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
             if let Some((_, ep)) = local_ep {
@@ -536,6 +533,13 @@ impl Splicer {
                 });
             }
         }
+        // A paused direction's bytes wait in the psock's queue, not the receive queue, so a
+        // socket closed by a dying agent would send a FIN over them (and a client behind a zero
+        // window would wait forever) where any proxy's unread bytes send a reset. So the sockets
+        // reset on close until the flow ends in order (`Splicer::run` clears it).
+        for s in [&down, &up] {
+            reset(s);
+        }
         // skbs that arrived between the drain and the insert sit in the receive queue until the
         // next data-ready event; fire it now so they go through the verdict like every later byte.
         for s in [&down, &up] {
@@ -548,7 +552,7 @@ impl Splicer {
         let window = super::local::WINDOW.min(self.budget);
         if let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
             && let Err(e) = set_sndbuf(&down, (2 * window) as libc::c_int)
-                .and_then(|()| self.set_ctrl(ep, 1, window).map_err(io::Error::other))
+                .and_then(|()| self.set_ctrl(ep, 1, window, 0).map_err(io::Error::other))
                 .and_then(|()| redirect.arm(&reg, ep, window))
         {
             tracing::debug!(error = %e, "local redirect: arming failed; plain splice");
@@ -643,10 +647,31 @@ impl Splicer {
         let (mut down, mut up) = (down, up);
         let mut bypassed = None;
         let (end, copied_up, copied_down) = loop {
+            // What each direction's agent wrote so far, kept current by the directions: a drain
+            // that cuts them off mid-way still knows what is in the peers' streams.
+            let written = [
+                AtomicU64::new(up_state.agent_written),
+                AtomicU64::new(down_state.agent_written),
+            ];
             // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
-            let to_up = Direction::new(self, &down, &up, down_cookie, up_state, 1, detach.clone());
-            let mut to_down =
-                Direction::new(self, &up, &down, up_cookie, down_state, 0, detach.clone());
+            let to_up = Direction::new(
+                self,
+                (&down, &up),
+                down_cookie,
+                up_state,
+                1,
+                &written[0],
+                detach.clone(),
+            );
+            let mut to_down = Direction::new(
+                self,
+                (&up, &down),
+                up_cookie,
+                down_state,
+                0,
+                &written[1],
+                detach.clone(),
+            );
             if let Some((_, ep)) = local {
                 to_down.bypass = Some(ep);
                 // sk_msg's limit events carry the endpoint socket's cookie.
@@ -677,16 +702,18 @@ impl Splicer {
                 () = drained => None,
             };
             let Some((u, d)) = outcome else {
-                // Armed flows never pass bytes to the agent, so the agent wrote only the replayed
-                // bytes; the redirect queues drain into the TCP streams, then both get a FIN.
+                // The redirect queues drain into the TCP streams, then the bytes a paused
+                // direction still holds on its socket follow them, then both get a FIN: what the
+                // kernel accepted so far is delivered, within a second per direction.
                 let queues = [
-                    (down_cookie, &up, up_state.agent_written, 1),
-                    (up_cookie, &down, down_state.agent_written, 0),
+                    (down_cookie, &down, &up, &written[0], 1),
+                    (up_cookie, &up, &down, &written[1], 0),
                 ];
-                for (src_cookie, dst, agent_written, dst_syn) in queues {
+                for (src_cookie, src, dst, written, dst_syn) in queues {
                     // The endpoint's sk_msg bytes go to the client's stream too.
                     let bypass = local.filter(|_| src_cookie == up_cookie).map(|(_, ep)| ep);
                     let deadline = Instant::now() + Duration::from_secs(1);
+                    let agent_written = written.load(Ordering::Relaxed);
                     while Instant::now() < deadline
                         && matches!(
                             self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, bypass),
@@ -695,11 +722,24 @@ impl Splicer {
                     {
                         tokio::time::sleep(Duration::from_micros(200)).await
                     }
+                    // A paused flow stays paused (the agent publishes nothing more), so nothing
+                    // is redirected behind these bytes.
+                    let moved = tokio::time::timeout_at(deadline.into(), forward_queued(src, dst))
+                        .await
+                        .unwrap_or(Ok(0))
+                        .unwrap_or(0);
+                    written.fetch_add(moved, Ordering::Relaxed);
                 }
                 for s in [&up, &down] {
                     let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
                 }
-                break (FlowEnd::Closed, 0, 0);
+                break (
+                    FlowEnd::Closed,
+                    written[0].load(Ordering::Relaxed).saturating_sub(initial),
+                    written[1]
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(initial_down),
+                );
             };
             (up_state, down_state) = (u, d);
             let state = FlowState {
@@ -740,6 +780,14 @@ impl Splicer {
                 }
             }
         };
+        if matches!(end, FlowEnd::Closed) {
+            // Both FINs went out after every byte: a plain close delivers what is still queued.
+            for s in [&down, &up] {
+                if let Err(e) = socket2::SockRef::from(s).set_linger(None) {
+                    tracing::debug!(error = %e, "clearing SO_LINGER failed; the close resets");
+                }
+            }
+        }
         let (d, mut u) = (self.side(down_cookie), self.side(up_cookie));
         if let (Some(redirect), Some((reg, ep))) = (&self.local, local) {
             // A cleanly closed flow's count was checked against the client's stream at EOF.
@@ -792,8 +840,7 @@ impl Splicer {
     /// The next agent took over: stop consuming the shared event ring (it reads it now) and stop
     /// writing the shared route entries. Flows that stay here finish without flow-control events.
     pub fn retire(&self) {
-        self.events_stopped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.events_stopped.store(true, Ordering::SeqCst);
         self.routes.freeze();
     }
 
@@ -833,8 +880,10 @@ impl Splicer {
             up,
             down_cookie: state.down_cookie,
             up_cookie: state.up_cookie,
-            initial: state.up.agent_written,
-            initial_down: state.down.agent_written,
+            // What the agents forwarded of passed bytes is counted as `copied`; the rest of
+            // what they wrote is the replay.
+            initial: state.up.agent_written.saturating_sub(state.up.copied),
+            initial_down: state.down.agent_written.saturating_sub(state.down.copied),
             started,
             route_id,
             // Adopted directions start hot: a limit event may have gone to the old agent.
@@ -892,18 +941,26 @@ impl Splicer {
             FlowCtrl {
                 armed: 0,
                 redirect_limit: 0,
+                forwarded: 0,
             },
             0,
         )?;
         ctrl.remove(&0)
     }
 
-    fn set_ctrl(&self, cookie: u64, armed: u64, redirect_limit: u64) -> Result<(), MapError> {
+    fn set_ctrl(
+        &self,
+        cookie: u64,
+        armed: u64,
+        redirect_limit: u64,
+        forwarded: u64,
+    ) -> Result<(), MapError> {
         lock(&self.ctrl).insert(
             cookie,
             FlowCtrl {
                 armed,
                 redirect_limit,
+                forwarded,
             },
             0,
         )
@@ -935,8 +992,10 @@ struct Direction<'a> {
     dst: &'a TcpStream,
     src_cookie: u64,
     /// Bytes the agent moved itself: read from `src` and written to `dst` (the replayed ClientHello
-    /// or drained bytes, and any passed bytes it forwarded). The same count on both sides.
+    /// or drained bytes, and the passed bytes it forwarded). The same count on both sides.
     agent_written: u64,
+    /// `agent_written`, shared with [`Splicer::run`] (its drain reads it).
+    published: &'a AtomicU64,
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
     wake: Arc<Notify>,
@@ -944,18 +1003,12 @@ struct Direction<'a> {
     /// the endpoint straight into `dst` (`src` brings the FIN or reset, and the bytes after a
     /// fallback): `dst`'s stream holds those bytes besides what went through `src`.
     bypass: Option<u64>,
-    /// `src`'s receive-window clamp before the agent touched it; restored on release.
-    original_clamp: Option<libc::c_int>,
-    /// Index into [`CLAMP_LEVELS`] while the sender is held back; `None` when released.
-    level: Option<usize>,
-    /// Whether `src`'s receive buffer was fixed (which turns its autotuning off for good).
-    rcvbuf_locked: bool,
-    /// The redirect queue at the previous tick, to tell a draining queue from a growing one.
-    last_queued: u64,
-    /// Consecutive ticks the queue has been over budget.
-    over_ticks: u32,
-    /// Passed bytes the agent forwarded so far.
+    /// Passed bytes the agent forwarded so far (`FlowCtrl::forwarded`).
     copied: u64,
+    /// `copied` as last written to the control map.
+    published_forwarded: u64,
+    /// The verdict's pause count at the last look, to count new pauses.
+    pauses_seen: u64,
     /// Already forwarded its FIN (in this agent or the one before).
     finished: bool,
     /// Start hot (measure at once).
@@ -984,49 +1037,37 @@ impl Outcome {
     }
 }
 
-/// Ticks a queue between one and two budgets must stay over budget before the sender is clamped:
-/// the kernel's redirect worker lags for a few milliseconds at a time when the CPUs are busy, and
-/// clamping for such a spike costs far more throughput than the spike costs memory.
-const PERSIST_TICKS: u32 = 5;
-
-/// Receive-window clamps applied to a sender, gentlest first. A hard clamp makes the receiver's
-/// MSS estimate collapse and the window regrow slowly after release (85 hard clamps cost 15 s of a
-/// 1 GiB transfer in a test), so a queue that is over budget but no longer growing keeps the
-/// current level, and only a queue that keeps growing (or passes twice the budget) gets the next.
-/// The kernel raises the last level to its minimum (about 1 KiB).
-const CLAMP_LEVELS: [libc::c_int; 4] = [256 * 1024, 64 * 1024, 16 * 1024, 1];
+/// Bytes read from a paused socket per read call.
+const FORWARD_CHUNK: usize = 256 * 1024;
 
 impl<'a> Direction<'a> {
     fn new(
         splicer: &'a Splicer,
-        src: &'a TcpStream,
-        dst: &'a TcpStream,
+        (src, dst): (&'a TcpStream, &'a TcpStream),
         src_cookie: u64,
         state: DirectionState,
         dst_syn: u64,
+        published: &'a AtomicU64,
         detach: watch::Receiver<bool>,
     ) -> Self {
         let wake = Arc::new(Notify::new());
         if !state.finished {
             lock(&splicer.watchers).insert(src_cookie, wake.clone());
         }
+        published.store(state.agent_written, Ordering::Relaxed);
         Self {
             splicer,
             src,
             dst,
             src_cookie,
             agent_written: state.agent_written,
+            published,
             dst_syn,
             wake,
-            original_clamp: state.original_clamp,
-            level: state
-                .clamp_level
-                .map(|l| usize::from(l).min(CLAMP_LEVELS.len() - 1)),
-            rcvbuf_locked: state.rcvbuf_locked,
             bypass: None,
-            last_queued: 0,
-            over_ticks: 0,
             copied: state.copied,
+            published_forwarded: state.copied,
+            pauses_seen: 0,
             finished: state.finished,
             hot: state.hot,
             detach,
@@ -1040,14 +1081,10 @@ impl<'a> Direction<'a> {
                 bypassed: 0,
             }));
         }
+        self.pauses_seen = self.splicer.side(self.src_cookie).pauses;
         let result = self.watch().await;
-        if let Ok(Outcome::Detached(_)) = result {
-            // The clamp stays: the next agent carries on from this level.
-            return result;
-        }
-        if self.level.is_some() {
-            let _ = self.set_level(None);
-        }
+        // Pauses since the last tick (a flow can pause and end between two).
+        let _ = self.count_pauses(&self.splicer.side(self.src_cookie));
         result
     }
 
@@ -1056,9 +1093,6 @@ impl<'a> Direction<'a> {
             finished: false,
             agent_written: self.agent_written,
             copied: self.copied,
-            clamp_level: self.level.and_then(|l| u8::try_from(l).ok()),
-            original_clamp: self.original_clamp,
-            rcvbuf_locked: self.rcvbuf_locked,
             hot: false,
         }
     }
@@ -1067,7 +1101,7 @@ impl<'a> Direction<'a> {
         let mut buf: Vec<u8> = Vec::new();
         // While hot, the redirect queue is measured every tick; `last` is (redirected, when it last
         // moved) to notice the direction going quiet.
-        let mut hot = self.hot || self.level.is_some();
+        let mut hot = self.hot;
         let mut last = (0u64, Instant::now());
         let mut detach = self.detach.clone();
         loop {
@@ -1091,10 +1125,10 @@ impl<'a> Direction<'a> {
                     return Ok(Outcome::Detached(self.detached_state()));
                 }
             }
-            // Read interest only: a spliced socket becomes readable on EOF or an error (or with
-            // passed bytes, for a flow that was never armed).
+            // Read interest only: a spliced socket becomes readable on EOF or an error, or with
+            // bytes the verdict passed (a paused flow, or one that was never armed).
             if buf.is_empty() {
-                buf = vec![0u8; 64 * 1024];
+                buf = vec![0u8; FORWARD_CHUNK];
             }
             loop {
                 match self.src.try_read(&mut buf) {
@@ -1111,9 +1145,16 @@ impl<'a> Direction<'a> {
                         self.wait_redirects_in_tcp().await?;
                         write_all(self.dst, &buf[..n]).await?;
                         self.agent_written += n as u64;
+                        self.published.store(self.agent_written, Ordering::Relaxed);
                         self.copied += n as u64;
+                        hot = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Caught up: every byte passed so far is in the peer's stream. The
+                        // verdict may redirect again from the next skb.
+                        self.publish_forwarded()?;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
@@ -1121,8 +1162,38 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// One flow-control step: measure the redirect queue, clamp or release the sender's window,
-    /// move the limit. Returns whether the direction is still hot.
+    /// Tells the verdict how many passed bytes are in the peer's stream, with a limit a budget
+    /// past what was redirected (which is all in the peer's stream too: the agent wrote after it).
+    fn publish_forwarded(&mut self) -> io::Result<()> {
+        if self.copied == self.published_forwarded {
+            return Ok(());
+        }
+        let side = self.splicer.side(self.src_cookie);
+        self.splicer
+            .set_ctrl(
+                self.src_cookie,
+                1,
+                side.redirected_bytes + self.splicer.budget,
+                self.copied,
+            )
+            .map_err(io::Error::other)?;
+        self.published_forwarded = self.copied;
+        Ok(())
+    }
+
+    /// Adds the verdict's new pauses of this direction to the agent's counter.
+    fn count_pauses(&mut self, side: &FlowSide) -> io::Result<()> {
+        if side.pauses > self.pauses_seen {
+            self.splicer
+                .stats
+                .splice_paused(side.pauses - self.pauses_seen);
+            self.pauses_seen = side.pauses;
+        }
+        Ok(())
+    }
+
+    /// One flow-control step: measure the redirect queue, check the accounting, move the limit.
+    /// Returns whether the direction is still hot.
     fn regulate(&mut self, last: &mut (u64, Instant)) -> io::Result<bool> {
         if let Some(ep) = self.bypass {
             let e = self.splicer.side(ep);
@@ -1131,7 +1202,7 @@ impl<'a> Direction<'a> {
                 let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written);
                 let window = super::local::WINDOW.min(self.splicer.budget);
                 self.splicer
-                    .set_ctrl(ep, 1, acked + window)
+                    .set_ctrl(ep, 1, acked + window, 0)
                     .map_err(io::Error::other)?;
                 let now = Instant::now();
                 if e.redirected_bytes != last.0 {
@@ -1159,91 +1230,24 @@ impl<'a> Direction<'a> {
                 side.redirected_bytes + self.agent_written
             )));
         }
+        self.count_pauses(&side)?;
         let taken = in_tcp.saturating_sub(self.agent_written + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
-        let budget = self.splicer.budget;
-        let growing = queued >= self.last_queued;
-        self.last_queued = queued;
-        self.over_ticks = if queued > budget {
-            self.over_ticks.saturating_add(1)
-        } else {
-            0
-        };
-        // Over twice the budget: hold the sender back harder at once, so the queue stays within
-        // twice the budget (plus the window the sender already had). Between one and two budgets:
-        // only a queue that stayed over budget and keeps growing.
-        let persistent = self.over_ticks >= PERSIST_TICKS && growing;
-        if queued > 2 * budget || (queued > budget && persistent) {
-            let next = self
-                .level
-                .map_or(0, |l| (l + 1).min(CLAMP_LEVELS.len() - 1));
-            if self.level != Some(next) {
-                self.set_level(Some(next))?;
-            }
-        } else if queued <= budget / 2
-            && let Some(l) = self.level
-        {
-            self.set_level(l.checked_sub(1))?;
-        }
-        self.hold_level()?;
         self.splicer
-            .set_ctrl(self.src_cookie, 1, taken + budget)
+            .set_ctrl(
+                self.src_cookie,
+                1,
+                taken + self.splicer.budget,
+                self.published_forwarded,
+            )
             .map_err(io::Error::other)?;
         let now = Instant::now();
-        if side.redirected_bytes != last.0 {
-            *last = (side.redirected_bytes, now);
+        let moved = side.redirected_bytes + side.passed_bytes;
+        if moved != last.0 {
+            *last = (moved, now);
         }
-        Ok(self.level.is_some() || now.duration_since(last.1) < COOL_AFTER)
-    }
-
-    /// Applies a clamp level to the sender's receive window (`None`: the original window).
-    ///
-    /// Receive-buffer autotuning rewrites the window clamp whenever it grows the buffer (it runs
-    /// for redirected bytes too), which silently undid clamps in our tests. So the first clamp
-    /// fixes the buffer at its current size (`SO_RCVBUFFORCE`, which turns autotuning off for this
-    /// socket), and the release sets it to autotuning's own ceiling (`tcp_rmem[2]`): the lock
-    /// cannot be undone, and that ceiling is what autotuning would have reached anyway.
-    fn set_level(&mut self, level: Option<usize>) -> io::Result<()> {
-        if self.original_clamp.is_none() {
-            self.original_clamp = Some(get_window_clamp(self.src)?);
-        }
-        if level.is_some() && !self.rcvbuf_locked {
-            let current: libc::c_int = sockopt::get(self.src, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
-            // The kernel doubles what it is given (bookkeeping overhead) and reports the doubled
-            // value: halve it to keep the size.
-            set_rcvbuf(self.src, (current / 2).max(1))?;
-            self.rcvbuf_locked = true;
-        }
-        let value = match level {
-            // The window already advertised is never shrunk: the sender can still fill it, then
-            // it is held to the clamp.
-            Some(l) => CLAMP_LEVELS[l],
-            None => {
-                set_rcvbuf(self.src, autotune_ceiling() / 2)?;
-                self.original_clamp.unwrap_or(libc::c_int::MAX / 2).max(1)
-            }
-        };
-        set_window_clamp(self.src, value)?;
-        if self.level.is_none() && level.is_some() {
-            self.splicer.stats.sender_clamped();
-            tracing::trace!(
-                cookie = self.src_cookie,
-                "redirect queue over budget: sender window clamped"
-            );
-        }
-        self.level = level;
-        Ok(())
-    }
-
-    /// Re-applies the current clamp if something (the kernel) moved it.
-    fn hold_level(&mut self) -> io::Result<()> {
-        if let Some(l) = self.level
-            && get_window_clamp(self.src)? > CLAMP_LEVELS[l].max(MIN_WINDOW_CLAMP)
-        {
-            set_window_clamp(self.src, CLAMP_LEVELS[l])?;
-        }
-        Ok(())
+        Ok(side.paused != 0 || now.duration_since(last.1) < COOL_AFTER)
     }
 
     /// Every byte in `dst`'s TCP stream came from the redirect or from the agent, so more than
@@ -1371,14 +1375,6 @@ impl<'a> Direction<'a> {
     }
 }
 
-fn get_window_clamp(stream: &TcpStream) -> io::Result<libc::c_int> {
-    sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
-}
-
-fn set_window_clamp(stream: &TcpStream, value: libc::c_int) -> io::Result<()> {
-    sockopt::set_int(stream, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, value)
-}
-
 /// Data bytes a socket's TCP has received (not counting SYN/FIN).
 fn tcp_bytes_received(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
@@ -1390,27 +1386,28 @@ fn set_sndbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
     sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
 }
 
-/// Fixes the receive buffer (CAP_NET_ADMIN: not capped by `net.core.rmem_max`).
-fn set_rcvbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
-    sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
-}
-
-/// The kernel's smallest window clamp (it raises smaller values to this).
-const MIN_WINDOW_CLAMP: libc::c_int = 4096;
-
-/// `net.ipv4.tcp_rmem[2]`, the largest receive buffer autotuning grows to (6 MiB by default).
-fn autotune_ceiling() -> libc::c_int {
-    static CEILING: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
-    *CEILING.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or(6 * 1024 * 1024)
-    })
-}
-
 fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
     sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Copies what is queued on `src` to `dst` until `src` has nothing more (or EOF); returns the
+/// bytes moved. For a flow's last moments (the drain), where the agent forwards what a paused
+/// direction still holds.
+async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; FORWARD_CHUNK];
+    let mut moved = 0u64;
+    loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(moved),
+            Ok(n) => {
+                write_all(dst, &buf[..n]).await?;
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Most bytes the handoff reads off a socket before giving up on splicing it.
