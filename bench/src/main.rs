@@ -802,8 +802,10 @@ fn check_spliced(m: &Metrics) -> Vec<String> {
     if std::env::var_os("ZI_BENCH_SPLICE_STATS").is_some() {
         // Flow-control diagnostics for tuning runs (bench/levers.md), not part of the report.
         eprintln!(
-            "  splice: {} pauses, redirect queue peak {:.1} MiB, {} integrity errors",
+            "  splice: {} pauses, {:.1} MiB forwarded by the agent, redirect queue peak {:.1} MiB, \
+             {} integrity errors",
             m.sum("zone_ingress_splice_pauses_total"),
+            copied / 1048576.0,
             m.sum("zone_ingress_splice_redirect_queue_peak_bytes") / 1048576.0,
             m.sum("zone_ingress_splice_integrity_errors_total"),
         );

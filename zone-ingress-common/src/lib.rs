@@ -67,12 +67,12 @@ pub struct FlowSide {
     /// Bytes passed to the socket's own queue for the agent: before the flow is armed, and while
     /// it is paused (the peer's redirect queue was over budget).
     pub passed_bytes: u64,
-    /// Times the redirected bytes passed the agent's limit (one event each).
+    /// Events sent to the agent (redirected bytes near or at the limit).
     pub limit_events: u64,
     /// Zero-length skbs (FIN) dropped by the verdict program; non-zero once the FIN was processed,
     /// i.e. after every byte before it went through the verdict.
     pub dropped_empty: u64,
-    /// The limit the last event was sent for, so one limit produces one event.
+    /// The `FlowCtrl::notify_at` the last event was sent for, so one value produces one event.
     pub notified_limit: u64,
     /// Index into `ZI_ROUTE_BYTES` of the flow's route ([`NO_ROUTE`]: none). Set by the agent.
     pub route_id: u32,
@@ -279,7 +279,7 @@ pub struct FlowInfo {
 // Every value is a multiple of 8 bytes with no padding, so `bpftool map dump` shows whole u64
 // words and a reader can check a pinned map against these sizes.
 const _: () = assert!(core::mem::size_of::<FlowSide>() == 80);
-const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 32);
 const _: () = assert!(core::mem::size_of::<RouteBytes>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 24);
@@ -299,6 +299,11 @@ pub struct FlowCtrl {
     /// accounting. An skb that would pass it pauses the flow (`FlowSide::paused`) and sends the
     /// socket's cookie on `ZI_EVENTS` (once per limit value).
     pub redirect_limit: u64,
+    /// Redirected bytes past this (half a budget before the limit) send the socket's cookie on
+    /// `ZI_EVENTS`, once per value, and keep being redirected: the agent then watches the
+    /// direction and moves the limit along with what the peer takes, so a queue that keeps
+    /// draining never pauses the flow.
+    pub notify_at: u64,
     /// Passed bytes the agent has read and written into the peer's TCP stream. A paused flow
     /// resumes only when this equals `FlowSide::passed_bytes`: a redirected skb then lands behind
     /// every byte the agent forwarded, never ahead of one still on its way.

@@ -92,9 +92,16 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     }
     // Not armed (no control entry, or armed = 0): pass everything to the socket's own queue, where
     // the agent's userspace copy reads it.
-    let (armed, limit, forwarded) = match ZI_CTRL.get_ptr(cookie) {
-        Some(ctrl) => unsafe { ((*ctrl).armed, (*ctrl).redirect_limit, (*ctrl).forwarded) },
-        None => (0, 0, 0),
+    let (armed, limit, notify_at, forwarded) = match ZI_CTRL.get_ptr(cookie) {
+        Some(ctrl) => unsafe {
+            (
+                (*ctrl).armed,
+                (*ctrl).redirect_limit,
+                (*ctrl).notify_at,
+                (*ctrl).forwarded,
+            )
+        },
+        None => (0, 0, 0, 0),
     };
     if armed == 0 {
         unsafe { (*side).passed_bytes += len };
@@ -106,31 +113,32 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     // TCP closes the window as a userspace proxy's full buffer would. The agent forwards them
     // once the peer's queue drained; the first skb after it caught up is redirected again.
     unsafe {
-        let within = (*side).redirected_bytes + len <= limit;
+        let after = (*side).redirected_bytes + len;
+        if after > notify_at && (*side).notified_limit != notify_at {
+            // Near the limit: wake the agent's watch of this direction (once per value); it
+            // moves the limit along with what the peer takes.
+            (*side).notified_limit = notify_at;
+            (*side).limit_events += 1;
+            if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
+                count(ProgCounter::LimitEvents);
+            } else {
+                count(ProgCounter::EventsLost);
+            }
+        }
         if (*side).paused != 0 {
-            if !(within && (*side).passed_bytes == forwarded) {
+            if !(after <= limit && (*side).passed_bytes == forwarded) {
                 (*side).passed_bytes += len;
                 count(ProgCounter::Passed);
                 return SK_PASS;
             }
             (*side).paused = 0;
             count(ProgCounter::Resumed);
-        } else if !within {
+        } else if after > limit {
             (*side).paused = 1;
             (*side).pauses += 1;
             (*side).passed_bytes += len;
             count(ProgCounter::Paused);
             count(ProgCounter::Passed);
-            if (*side).notified_limit != limit {
-                // Wake the agent's watch of this direction (once per limit).
-                (*side).notified_limit = limit;
-                (*side).limit_events += 1;
-                if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
-                    count(ProgCounter::LimitEvents);
-                } else {
-                    count(ProgCounter::EventsLost);
-                }
-            }
             return SK_PASS;
         }
     }

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use zone_ingress_common::{
@@ -485,16 +486,18 @@ impl Splicer {
         };
         let route_id = self.routes.hold(route);
         // Armed before inserted: from its first skb, every byte of the flow is redirected.
-        let entries = self.set_ctrl(down_cookie, 1, self.budget, 0).and_then(|_| {
-            self.set_ctrl(up_cookie, 1, self.budget, 0)?;
-            let mut flows = lock(&self.flows);
-            flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
-            if let Some((_, ep)) = local_ep {
-                // The endpoint socket's side: sk_msg counts the bytes it redirects here.
-                flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
-            }
-            flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
-        });
+        let entries = self
+            .set_ctrl(down_cookie, self.flow_ctrl(0, 0))
+            .and_then(|_| {
+                self.set_ctrl(up_cookie, self.flow_ctrl(0, 0))?;
+                let mut flows = lock(&self.flows);
+                flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
+                if let Some((_, ep)) = local_ep {
+                    // The endpoint socket's side: sk_msg counts the bytes it redirects here.
+                    flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
+                }
+                flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
+            });
         if let Err(e) = entries {
             self.forget(down_cookie, up_cookie);
             self.routes.release(route_id, 0, 0);
@@ -552,7 +555,10 @@ impl Splicer {
         let window = super::local::WINDOW.min(self.budget);
         if let (Some(redirect), Some((reg, ep))) = (&self.local, local_ep)
             && let Err(e) = set_sndbuf(&down, (2 * window) as libc::c_int)
-                .and_then(|()| self.set_ctrl(ep, 1, window, 0).map_err(io::Error::other))
+                .and_then(|()| {
+                    self.set_ctrl(ep, local_ctrl(window))
+                        .map_err(io::Error::other)
+                })
                 .and_then(|()| redirect.arm(&reg, ep, window))
         {
             tracing::debug!(error = %e, "local redirect: arming failed; plain splice");
@@ -936,34 +942,23 @@ impl Splicer {
             Ok(_) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e),
         }
-        ctrl.insert(
-            0,
-            FlowCtrl {
-                armed: 0,
-                redirect_limit: 0,
-                forwarded: 0,
-            },
-            0,
-        )?;
+        ctrl.insert(0, FlowCtrl::default(), 0)?;
         ctrl.remove(&0)
     }
 
-    fn set_ctrl(
-        &self,
-        cookie: u64,
-        armed: u64,
-        redirect_limit: u64,
-        forwarded: u64,
-    ) -> Result<(), MapError> {
-        lock(&self.ctrl).insert(
-            cookie,
-            FlowCtrl {
-                armed,
-                redirect_limit,
-                forwarded,
-            },
-            0,
-        )
+    fn set_ctrl(&self, cookie: u64, ctrl: FlowCtrl) -> Result<(), MapError> {
+        lock(&self.ctrl).insert(cookie, ctrl, 0)
+    }
+
+    /// The control entry of an armed direction whose peer's stream has taken `taken` bytes of
+    /// what was redirected, and whose passed bytes the agent forwarded up to `forwarded`.
+    fn flow_ctrl(&self, taken: u64, forwarded: u64) -> FlowCtrl {
+        FlowCtrl {
+            armed: 1,
+            redirect_limit: taken + self.budget,
+            notify_at: taken + self.budget / 2,
+            forwarded,
+        }
     }
 
     /// Removes a flow's entries (the SockHash entries go with the sockets when they close).
@@ -973,6 +968,16 @@ impl Splicer {
             let _ = lock(&self.ctrl).remove(&cookie);
             lock(&self.watchers).remove(&cookie);
         }
+    }
+}
+
+/// The control entry of a local endpoint socket: `sk_msg` redirects up to `limit`.
+fn local_ctrl(limit: u64) -> FlowCtrl {
+    FlowCtrl {
+        armed: 1,
+        redirect_limit: limit,
+        notify_at: limit,
+        forwarded: 0,
     }
 }
 
@@ -1039,6 +1044,11 @@ impl Outcome {
 
 /// Bytes read from a paused socket per read call.
 const FORWARD_CHUNK: usize = 256 * 1024;
+
+/// The largest peek buffer. A socket holding more (receive buffers autotune up to
+/// `tcp_rmem[2]`, 6 MiB by default) is forwarded in pieces, and may then stay paused for as long
+/// as its sender keeps up with the agent.
+const MAX_PEEK: usize = 16 * 1024 * 1024;
 
 impl<'a> Direction<'a> {
     fn new(
@@ -1117,6 +1127,10 @@ impl<'a> Direction<'a> {
                 r = self.src.readable() => r?,
                 _ = tick => {
                     hot = self.regulate(&mut last)?;
+                    if !hot {
+                        // Only a busy direction keeps a buffer.
+                        buf = Vec::new();
+                    }
                     continue;
                 }
                 // An idle point: nothing read and not written yet, so the next agent can resume
@@ -1127,11 +1141,32 @@ impl<'a> Direction<'a> {
             }
             // Read interest only: a spliced socket becomes readable on EOF or an error, or with
             // bytes the verdict passed (a paused flow, or one that was never armed).
-            if buf.is_empty() {
-                buf = vec![0u8; FORWARD_CHUNK];
-            }
+
             loop {
-                match self.src.try_read(&mut buf) {
+                // Two ways to forward. While the peer is slow (its send queue holds a good part
+                // of a budget), read and forward in chunks: the flow stays paused anyway, and
+                // the agent copies at the peer's pace like any proxy. Once the peer has room,
+                // try to resume: peek everything queued, write it, publish, then consume. While
+                // the bytes are only peeked they stay charged to the socket, its window stays
+                // closed and the sender waits, so by the time the agent has forwarded it all
+                // nothing new was passed behind it and the verdict resumes at the next skb.
+                // Reading first (or a part) reopens the window before the write, and under a
+                // fast sender the agent chases new passed bytes for as long as the sender keeps
+                // up (seen: a bulk flow copied by the agent from its first pause to its end).
+                let resume = self.peer_has_room()?;
+                if resume {
+                    let queued = inq(self.src).unwrap_or(0).clamp(FORWARD_CHUNK, MAX_PEEK);
+                    buf.resize(queued, 0);
+                } else {
+                    buf.resize(FORWARD_CHUNK, 0);
+                }
+                let got = if resume {
+                    self.src
+                        .try_io(Interest::READABLE, || peek(self.src, &mut buf))
+                } else {
+                    self.src.try_read(&mut buf)
+                };
+                match got {
                     Ok(0) => {
                         let bypassed = self.finish().await?;
                         return Ok(Outcome::Ended(DirectionEnd {
@@ -1147,12 +1182,20 @@ impl<'a> Direction<'a> {
                         self.agent_written += n as u64;
                         self.published.store(self.agent_written, Ordering::Relaxed);
                         self.copied += n as u64;
+                        if resume {
+                            // In the peer's stream: skbs arriving from now on may be
+                            // redirected (they come after these bytes), before or after the
+                            // consume below.
+                            self.publish_forwarded()?;
+                            consume(self.src, &mut buf[..n])?;
+                        }
                         hot = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Caught up: every byte passed so far is in the peer's stream. The
-                        // verdict may redirect again from the next skb.
+                        // Caught up: every byte passed so far is in the peer's stream.
                         self.publish_forwarded()?;
+                        buf.truncate(FORWARD_CHUNK);
+                        buf.shrink_to_fit();
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1162,6 +1205,17 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// Whether `dst` could take a good part of a budget now (its send queue holds less than a
+    /// quarter of one): then a paused direction tries to resume.
+    fn peer_has_room(&self) -> io::Result<bool> {
+        let mut outq: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int.
+        if unsafe { libc::ioctl(self.dst.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((outq.max(0) as u64) < self.splicer.budget / 4)
+    }
+
     /// Tells the verdict how many passed bytes are in the peer's stream, with a limit a budget
     /// past what was redirected (which is all in the peer's stream too: the agent wrote after it).
     fn publish_forwarded(&mut self) -> io::Result<()> {
@@ -1169,13 +1223,9 @@ impl<'a> Direction<'a> {
             return Ok(());
         }
         let side = self.splicer.side(self.src_cookie);
+        let ctrl = self.splicer.flow_ctrl(side.redirected_bytes, self.copied);
         self.splicer
-            .set_ctrl(
-                self.src_cookie,
-                1,
-                side.redirected_bytes + self.splicer.budget,
-                self.copied,
-            )
+            .set_ctrl(self.src_cookie, ctrl)
             .map_err(io::Error::other)?;
         self.published_forwarded = self.copied;
         Ok(())
@@ -1202,7 +1252,7 @@ impl<'a> Direction<'a> {
                 let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written);
                 let window = super::local::WINDOW.min(self.splicer.budget);
                 self.splicer
-                    .set_ctrl(ep, 1, acked + window, 0)
+                    .set_ctrl(ep, local_ctrl(acked + window))
                     .map_err(io::Error::other)?;
                 let now = Instant::now();
                 if e.redirected_bytes != last.0 {
@@ -1234,13 +1284,9 @@ impl<'a> Direction<'a> {
         let taken = in_tcp.saturating_sub(self.agent_written + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
+        let ctrl = self.splicer.flow_ctrl(taken, self.published_forwarded);
         self.splicer
-            .set_ctrl(
-                self.src_cookie,
-                1,
-                taken + self.splicer.budget,
-                self.published_forwarded,
-            )
+            .set_ctrl(self.src_cookie, ctrl)
             .map_err(io::Error::other)?;
         let now = Instant::now();
         let moved = side.redirected_bytes + side.passed_bytes;
@@ -1388,6 +1434,54 @@ fn set_sndbuf(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
 
 fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
     sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Bytes queued on `stream` for reading (`FIONREAD`): on a spliced socket, what the verdict
+/// passed and nobody read yet.
+fn inq(stream: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Reads up to `buf.len()` bytes from `stream` without consuming them (`MSG_PEEK`, non-blocking).
+fn peek(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Consumes exactly `buf.len()` bytes that [`peek`] returned (they are queued: a read of them
+/// cannot block or come up short, unless the socket broke).
+fn consume(stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.try_read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peeked bytes vanished from the socket",
+                ));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Copies what is queued on `src` to `dst` until `src` has nothing more (or EOF); returns the
