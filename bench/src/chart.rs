@@ -190,7 +190,12 @@ fn panel<'a>(
         .margin(12)
         .x_label_area_size(28)
         .y_label_area_size(62)
-        .build_cartesian_2d((0..rows.len()).into_segmented(), bottom..top)?;
+        // plotters' integer ranges include their end: 0..n-1 gives one segment per row (0..n
+        // left an empty slot on the right).
+        .build_cartesian_2d(
+            (0..rows.len().saturating_sub(1)).into_segmented(),
+            bottom..top,
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -210,7 +215,14 @@ fn panel<'a>(
         let mut bar = Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), r.median),
+                (
+                    if i + 1 == rows.len() {
+                        SegmentValue::Last
+                    } else {
+                        SegmentValue::Exact(i + 1)
+                    },
+                    r.median,
+                ),
             ],
             color(&r.path).filled(),
         );

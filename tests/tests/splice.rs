@@ -348,6 +348,8 @@ struct SlowRun {
     send_secs: f64,
     /// Seconds until the backend read the last byte.
     total_secs: f64,
+    /// Times the agent's flow control paused a direction (`zone_ingress_splice_pauses_total`).
+    pauses: f64,
     peaks: Peaks,
 }
 
@@ -424,6 +426,7 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
     let run = SlowRun {
         send_secs,
         total_secs,
+        pauses: m.sum("zone_ingress_splice_pauses_total"),
         peaks,
     };
     eprintln!(
@@ -440,15 +443,11 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
 }
 
 /// The memory bound of issue 3, as the issue states it: a 50 MB/s receiver must hold a fast sender to
-/// budget + margin. IGNORED because the agent does not meet it yet on this topology: its flow
-/// control clamps the sender's receive window (TCP_WINDOW_CLAMP), which limits a sender to about
-/// one minimum window (~1.1 KB) per round trip. Over veth between namespaces (RTT ~15 us) that is
-/// still ~70 MB/s: with the agent of 284c568 the backlog grew steadily to 176-179 MiB (sender done
-/// in 7 s) in 2 of 2 runs, while on loopback Python peers it held (queue peak 16-22 MB, sender
-/// paced to 10.4 s) and on a cross-zone link (ms RTT) the same clamp allows ~1 MB/s. Holding bytes
-/// on the socket instead (SK_PASS) duplicated skbs on the verdict-only read path and stalled on the
-/// parser path; see ARCHITECTURE.md. Run it with `--ignored`; it must pass before issue 3 closes.
-/// `ZI_SPLICE_TRACE=1` prints every sample.
+/// budget + margin, and the same run without a usable budget must show what the bound prevents.
+/// The agent meets it by pausing the direction (its bytes wait on the client's socket, TCP closes
+/// the window) and forwarding at the receiver's pace; see ARCHITECTURE.md, "Flow control". (The
+/// window clamp it used before could not: over veth, one ~1 KiB window per 15 us round trip is still
+/// ~70 MB/s, and the backlog grew to 176 MiB.) `ZI_SPLICE_TRACE=1` prints every sample.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_receiver_is_bounded() {
     let _serial = SERIAL.lock().await;
@@ -476,6 +475,9 @@ async fn slow_receiver_is_bounded() {
                 bounded.peaks.backlog as f64 / MIB as f64,
                 BACKLOG_BOUND / MIB
             ));
+        }
+        if bounded.pauses < 1.0 {
+            failed.push("with a 4 MiB budget the flow control never paused the flow".to_string());
         }
         if bounded.send_secs < 0.7 * paced_secs {
             failed.push(format!(

@@ -69,7 +69,7 @@ struct Args {
     /// Concurrent churn workers (one short round trip per connection).
     #[arg(long, default_value_t = 4)]
     churn: usize,
-    /// Concurrent slow receivers (1-4 MiB read 16 KiB per 10 ms).
+    /// Concurrent slow receivers (6-16 MiB read 16 KiB per 10 ms: enough to pause the splice).
     #[arg(long, default_value_t = 2)]
     slow: usize,
     /// Concurrent reset workers (client or backend resets mid-stream; the prefix must verify).

@@ -538,7 +538,9 @@ fn plan(job: Job, mix: &Mix, rng: &mut Prng, seed: u64) -> Header {
             between(rng, 20, 200),
         ),
         Job::Churn => h(Kind::Rpc, between(rng, 1, 512), between(rng, 1, 512), 1),
-        Job::Slow => h(Kind::Slow, 0, between(rng, 1 << 20, 4 << 20), 0),
+        // Past the default 4 MiB splice budget plus the sockets' buffers: the splice pauses and
+        // the agent forwards at the reader's pace, then resumes or ends paused.
+        Job::Slow => h(Kind::Slow, 0, between(rng, 6 << 20, 16 << 20), 0),
         Job::Reset => {
             let len = between(rng, 64 * 1024, 2 << 20);
             let cut = between(rng, 1, len - 1);

@@ -1167,6 +1167,14 @@ impl<'a> Direction<'a> {
                     self.src.try_read(&mut buf)
                 };
                 match got {
+                    Ok(0) if self.splicer.side(self.src_cookie).passed_bytes > self.copied => {
+                        // EOF on an empty queue, but the verdict passed bytes that have not
+                        // reached it: on a socket whose psock also queues bytes redirected *to*
+                        // it, passed skbs wait behind those (the kernel keeps them in order) and
+                        // arrive later. Ask again shortly (readiness stays set at EOF).
+                        tokio::time::sleep(HOT_TICK).await;
+                        continue;
+                    }
                     Ok(0) => {
                         let bypassed = self.finish().await?;
                         return Ok(Outcome::Ended(DirectionEnd {
