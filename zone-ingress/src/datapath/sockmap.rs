@@ -29,7 +29,7 @@ use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,7 +137,7 @@ pub struct Splicer {
     /// True while live flows should leave their watch loop and go to the takeover.
     detach: watch::Sender<bool>,
     /// Set once another agent took the flows: this one stops reading the shared event ring.
-    events_stopped: std::sync::atomic::AtomicBool,
+    events_stopped: AtomicBool,
     /// The `sk_msg` path for endpoints on this host (`--local-redirect auto`, when it loaded).
     local: Option<LocalRedirect>,
     /// Keeps the programs attached and the object loaded.
@@ -315,7 +315,7 @@ impl Splicer {
             records: FlowRecords::new(flow_info),
             takeover: Mutex::new(Takeover::default()),
             detach: watch::channel(false).0,
-            events_stopped: std::sync::atomic::AtomicBool::new(false),
+            events_stopped: AtomicBool::new(false),
             local,
             _ebpf: ebpf,
         });
@@ -656,8 +656,8 @@ impl Splicer {
             // What each direction's agent wrote so far, kept current by the directions: a drain
             // that cuts them off mid-way still knows what is in the peers' streams.
             let written = [
-                AtomicU64::new(up_state.agent_written),
-                AtomicU64::new(down_state.agent_written),
+                Forwarding::new(up_state.agent_written),
+                Forwarding::new(down_state.agent_written),
             ];
             // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
             let to_up = Direction::new(
@@ -715,11 +715,19 @@ impl Splicer {
                     (down_cookie, &down, &up, &written[0], 1),
                     (up_cookie, &up, &down, &written[1], 0),
                 ];
+                if written.iter().any(|w| w.writing.load(Ordering::Relaxed)) {
+                    // The drain cut a direction in the middle of writing bytes it had read:
+                    // some of them may be in the peer's stream, and which is unknown. A FIN
+                    // would close a stream with a hole or a repeat; a reset says it broke.
+                    reset(&down);
+                    reset(&up);
+                    break (FlowEnd::Reset, 0, 0);
+                }
                 for (src_cookie, src, dst, written, dst_syn) in queues {
                     // The endpoint's sk_msg bytes go to the client's stream too.
                     let bypass = local.filter(|_| src_cookie == up_cookie).map(|(_, ep)| ep);
                     let deadline = Instant::now() + Duration::from_secs(1);
-                    let agent_written = written.load(Ordering::Relaxed);
+                    let agent_written = written.bytes.load(Ordering::Relaxed);
                     while Instant::now() < deadline
                         && matches!(
                             self.redirects_in_tcp(src_cookie, dst, agent_written, dst_syn, bypass),
@@ -734,15 +742,19 @@ impl Splicer {
                         .await
                         .unwrap_or(Ok(0))
                         .unwrap_or(0);
-                    written.fetch_add(moved, Ordering::Relaxed);
+                    written.bytes.fetch_add(moved, Ordering::Relaxed);
                 }
                 for s in [&up, &down] {
                     let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
                 }
                 break (
                     FlowEnd::Closed,
-                    written[0].load(Ordering::Relaxed).saturating_sub(initial),
+                    written[0]
+                        .bytes
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(initial),
                     written[1]
+                        .bytes
                         .load(Ordering::Relaxed)
                         .saturating_sub(initial_down),
                 );
@@ -1000,7 +1012,7 @@ struct Direction<'a> {
     /// or drained bytes, and the passed bytes it forwarded). The same count on both sides.
     agent_written: u64,
     /// `agent_written`, shared with [`Splicer::run`] (its drain reads it).
-    published: &'a AtomicU64,
+    published: &'a Forwarding,
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
     wake: Arc<Notify>,
@@ -1020,6 +1032,25 @@ struct Direction<'a> {
     hot: bool,
     /// Turns true when the flow should leave its watch for a takeover.
     detach: watch::Receiver<bool>,
+}
+
+/// What a direction has forwarded itself, shared with [`Splicer::run`]: its drain may cut the
+/// direction at any await point and must know what is in the peer's stream.
+struct Forwarding {
+    /// The direction's `agent_written`.
+    bytes: AtomicU64,
+    /// Between taking bytes off the source (read, or peek) and counting them as written: if the
+    /// watch is cut here, part of them may be in the peer's stream.
+    writing: AtomicBool,
+}
+
+impl Forwarding {
+    fn new(bytes: u64) -> Self {
+        Self {
+            bytes: AtomicU64::new(bytes),
+            writing: AtomicBool::new(false),
+        }
+    }
 }
 
 /// How a direction's watch ended.
@@ -1057,14 +1088,16 @@ impl<'a> Direction<'a> {
         src_cookie: u64,
         state: DirectionState,
         dst_syn: u64,
-        published: &'a AtomicU64,
+        published: &'a Forwarding,
         detach: watch::Receiver<bool>,
     ) -> Self {
         let wake = Arc::new(Notify::new());
         if !state.finished {
             lock(&splicer.watchers).insert(src_cookie, wake.clone());
         }
-        published.store(state.agent_written, Ordering::Relaxed);
+        published
+            .bytes
+            .store(state.agent_written, Ordering::Relaxed);
         Self {
             splicer,
             src,
@@ -1185,10 +1218,13 @@ impl<'a> Direction<'a> {
                     Ok(n) => {
                         // Passed bytes come after everything redirected so far, so they go out
                         // only once the redirect queue drained into the peer's TCP stream.
+                        self.published.writing.store(true, Ordering::Relaxed);
                         self.wait_redirects_in_tcp().await?;
                         write_all(self.dst, &buf[..n]).await?;
                         self.agent_written += n as u64;
-                        self.published.store(self.agent_written, Ordering::Relaxed);
+                        self.published
+                            .bytes
+                            .store(self.agent_written, Ordering::Relaxed);
                         self.copied += n as u64;
                         if resume {
                             // In the peer's stream: skbs arriving from now on may be
@@ -1197,6 +1233,7 @@ impl<'a> Direction<'a> {
                             self.publish_forwarded()?;
                             consume(self.src, &mut buf[..n])?;
                         }
+                        self.published.writing.store(false, Ordering::Relaxed);
                         hot = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
