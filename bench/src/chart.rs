@@ -134,7 +134,8 @@ pub fn draw(
         return Ok(false);
     }
     ensure_font()?;
-    let (w, h) = (460 * panels.len() as u32, 400);
+    // A single panel is wider than its share of two: the figure's title has to fit above it.
+    let (w, h) = ((460 * panels.len() as u32).max(600), 400);
     let root = BitMapBackend::new(file, (w, h)).into_drawing_area();
     let plot = || -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
@@ -314,7 +315,7 @@ mod tests {
             let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
             let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
             assert_eq!(h, 400);
-            assert!(w == 460 || w == 920, "width {w}");
+            assert!(w == 600 || w == 920, "width {w}");
         }
         assert!(!dir.path().join("paced.png").exists());
     }
