@@ -3,8 +3,8 @@
 //! - The agent needs CAP_BPF + CAP_NET_ADMIN for the kernel splice: `--datapath sockmap` without one
 //!   refuses to start and names it, `auto` falls back to the userspace copy and says which one.
 //! - Once its programs are loaded it drops CAP_BPF (and CAP_SYS_ADMIN, CAP_PERFMON) from every
-//!   thread, and flows still splice. CAP_NET_ADMIN stays: the splice's flow controller sets
-//!   `SO_RCVBUFFORCE` on slow flows (without it, `splice.rs`'s bulk test is reset with EPERM).
+//!   thread, and flows still splice. CAP_NET_ADMIN stays: the splice's local redirect sets
+//!   `SO_SNDBUFFORCE` on client sockets.
 //! - The admin API (`/config_dump`, `/stats/prometheus`) answers on 127.0.0.1 of the agent's namespace
 //!   only; another namespace dialing `networking.address` on the admin port gets `/ready` and nothing
 //!   else.
@@ -228,7 +228,7 @@ async fn root_agent_drops_only_the_bpf_capabilities_unless_told_to_keep() {
             assert_eq!(
                 caps & bpf_family(),
                 1u64 << CAP_NET_ADMIN,
-                "thread {tid}: CAP_NET_ADMIN (the flow controller's) must stay, the other BPF ones go"
+                "thread {tid}: CAP_NET_ADMIN (the local redirect's) must stay, the other BPF ones go"
             );
             assert_ne!(
                 caps, 0,

@@ -212,7 +212,7 @@ async fn deployment_capabilities_load_pin_and_splice() {
             0,
             "the agent ran with capabilities beyond {caps:?} (CapEff {eff:#x})"
         );
-        // CAP_NET_ADMIN stays for the splice's flow controller (SO_RCVBUFFORCE).
+        // CAP_NET_ADMIN stays for the splice's local redirect (SO_SNDBUFFORCE).
         assert_eq!(
             eff,
             1 << cap_bit("NET_ADMIN"),

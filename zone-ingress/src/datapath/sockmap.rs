@@ -53,7 +53,7 @@ use crate::stats::Stats;
 
 /// How often a hot direction's redirect queue is measured.
 const HOT_TICK: Duration = Duration::from_millis(1);
-/// A direction that redirected nothing for this long (and is not clamped) stops being watched.
+/// A direction that moved nothing for this long (and is not paused) stops being watched.
 const COOL_AFTER: Duration = Duration::from_millis(200);
 /// How long to wait for the verdict program to process the FIN after the agent saw EOF.
 const FIN_PROCESSED_WAIT: Duration = Duration::from_secs(2);

@@ -9,7 +9,7 @@
 //!    tells the old agent to stop accepting.
 //! 4. It takes the spliced flows: each leaves the old agent's watch at an idle point, keeping its
 //!    SockHash and map entries, and arrives with its two descriptors and its state (cookies,
-//!    route id, bytes the agent moved, flow-control clamp). The new agent checks the cookies and
+//!    route id, bytes the agent moved, passed bytes it forwarded). The new agent checks the cookies and
 //!    watches the flow from there (FIN/RST, flow control, drain, counters).
 //! 5. It sends `Exit`: the old agent stops reading the shared event ring and writing the route
 //!    entries, finishes the flows it kept (userspace copies: they are not handed over, their

@@ -200,9 +200,13 @@ impl Adopter {
             (self.splicer.clone(), self.stats.clone(), self.drain.clone());
         stats.connection_opened();
         tokio::spawn(async move {
-            // Its replayed bytes were counted by the agent that spliced it, redirected bytes are in
-            // the kernel's route counters, and an armed flow passes none to the agent.
+            // Redirected bytes are in the kernel's route counters. What the agents moved
+            // themselves (the replay, paused directions' bytes) is counted by the agent the flow
+            // ends with: one that hands a flow over counts nothing for it.
             let summary = splicer.run(flow, drain).await;
+            if summary.end != crate::datapath::FlowEnd::HandedOver {
+                stats.copied(crate::stats::DatapathKind::Sockmap, summary.copied);
+            }
             tracing::debug!(end = ?summary.end, duration = ?summary.duration, "adopted flow finished");
             stats.connection_closed();
             drop(guard);
