@@ -1008,10 +1008,8 @@ struct Direction<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_cookie: u64,
-    /// Bytes the agent moved itself: read from `src` and written to `dst` (the replayed ClientHello
-    /// or drained bytes, and the passed bytes it forwarded). The same count on both sides.
-    agent_written: u64,
-    /// `agent_written`, shared with [`Splicer::run`] (its drain reads it).
+    /// Bytes the agent moved itself ([`Direction::agent_written`]), shared with
+    /// [`Splicer::run`] (its drain reads it).
     published: &'a Forwarding,
     /// 1 when `dst` is the socket the agent connected: its `tcpi_bytes_acked` counts the SYN.
     dst_syn: u64,
@@ -1095,15 +1093,16 @@ impl<'a> Direction<'a> {
         if !state.finished {
             lock(&splicer.watchers).insert(src_cookie, wake.clone());
         }
-        published
-            .bytes
-            .store(state.agent_written, Ordering::Relaxed);
+        debug_assert_eq!(
+            published.bytes.load(Ordering::Relaxed),
+            state.agent_written,
+            "the run's shared count starts where the direction's state does"
+        );
         Self {
             splicer,
             src,
             dst,
             src_cookie,
-            agent_written: state.agent_written,
             published,
             dst_syn,
             wake,
@@ -1127,14 +1126,21 @@ impl<'a> Direction<'a> {
         self.pauses_seen = self.splicer.side(self.src_cookie).pauses;
         let result = self.watch().await;
         // Pauses since the last tick (a flow can pause and end between two).
-        let _ = self.count_pauses(&self.splicer.side(self.src_cookie));
+        self.count_pauses(&self.splicer.side(self.src_cookie));
         result
+    }
+
+    /// Bytes the agent moved itself: read from `src` and written to `dst` (the replayed
+    /// ClientHello or drained bytes, and the passed bytes it forwarded). The same count on both
+    /// sides.
+    fn agent_written(&self) -> u64 {
+        self.published.bytes.load(Ordering::Relaxed)
     }
 
     fn detached_state(&self) -> DirectionState {
         DirectionState {
             finished: false,
-            agent_written: self.agent_written,
+            agent_written: self.agent_written(),
             copied: self.copied,
             hot: false,
         }
@@ -1187,16 +1193,13 @@ impl<'a> Direction<'a> {
                 // fast sender the agent chases new passed bytes for as long as the sender keeps
                 // up (seen: a bulk flow copied by the agent from its first pause to its end).
                 let resume = self.peer_has_room()?;
-                if resume {
+                let got = if resume {
                     let queued = inq(self.src).unwrap_or(0).clamp(FORWARD_CHUNK, MAX_PEEK);
                     buf.resize(queued, 0);
-                } else {
-                    buf.resize(FORWARD_CHUNK, 0);
-                }
-                let got = if resume {
                     self.src
                         .try_io(Interest::READABLE, || peek(self.src, &mut buf))
                 } else {
+                    buf.resize(FORWARD_CHUNK, 0);
                     self.src.try_read(&mut buf)
                 };
                 match got {
@@ -1221,10 +1224,7 @@ impl<'a> Direction<'a> {
                         self.published.writing.store(true, Ordering::Relaxed);
                         self.wait_redirects_in_tcp().await?;
                         write_all(self.dst, &buf[..n]).await?;
-                        self.agent_written += n as u64;
-                        self.published
-                            .bytes
-                            .store(self.agent_written, Ordering::Relaxed);
+                        self.published.bytes.fetch_add(n as u64, Ordering::Relaxed);
                         self.copied += n as u64;
                         if resume {
                             // In the peer's stream: skbs arriving from now on may be
@@ -1253,11 +1253,7 @@ impl<'a> Direction<'a> {
     /// Whether `dst` could take a good part of a budget now (its send queue holds less than a
     /// quarter of one): then a paused direction tries to resume.
     fn peer_has_room(&self) -> io::Result<bool> {
-        let mut outq: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ writes one int.
-        if unsafe { libc::ioctl(self.dst.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let outq = ioctl_int(self.dst, libc::TIOCOUTQ)?;
         Ok((outq.max(0) as u64) < self.splicer.budget / 4)
     }
 
@@ -1277,14 +1273,13 @@ impl<'a> Direction<'a> {
     }
 
     /// Adds the verdict's new pauses of this direction to the agent's counter.
-    fn count_pauses(&mut self, side: &FlowSide) -> io::Result<()> {
+    fn count_pauses(&mut self, side: &FlowSide) {
         if side.pauses > self.pauses_seen {
             self.splicer
                 .stats
                 .splice_paused(side.pauses - self.pauses_seen);
             self.pauses_seen = side.pauses;
         }
-        Ok(())
     }
 
     /// One flow-control step: measure the redirect queue, check the accounting, move the limit.
@@ -1294,7 +1289,7 @@ impl<'a> Direction<'a> {
             let e = self.splicer.side(ep);
             if e.passed_bytes == 0 {
                 // sk_msg still redirects: keep its limit a window past what the client acked.
-                let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written);
+                let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.agent_written());
                 let window = super::local::WINDOW.min(self.splicer.budget);
                 self.splicer
                     .set_ctrl(ep, local_ctrl(acked + window))
@@ -1319,14 +1314,14 @@ impl<'a> Direction<'a> {
         // Redirected first, received second (received only grows): more redirected than received
         // means the kernel handed the same bytes to the verdict twice.
         let received = tcp_bytes_received(self.src)?;
-        if side.redirected_bytes + self.agent_written > received {
+        if side.redirected_bytes + self.agent_written() > received {
             return Err(self.integrity_error(format!(
                 "{} bytes redirected or moved but only {received} received",
-                side.redirected_bytes + self.agent_written
+                side.redirected_bytes + self.agent_written()
             )));
         }
-        self.count_pauses(&side)?;
-        let taken = in_tcp.saturating_sub(self.agent_written + bypassed);
+        self.count_pauses(&side);
+        let taken = in_tcp.saturating_sub(self.agent_written() + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
         let ctrl = self.splicer.flow_ctrl(taken, self.published_forwarded);
@@ -1346,7 +1341,7 @@ impl<'a> Direction<'a> {
     /// arrive twice in about one of 16 slow-receiver runs, with no byte through userspace. Such a
     /// stream is broken: reset it (the caller resets both sides) rather than let it go on silently.
     fn check_not_ahead(&self, side: &FlowSide, in_tcp: u64, bypassed: u64) -> io::Result<()> {
-        let expected_max = side.redirected_bytes + self.agent_written + bypassed;
+        let expected_max = side.redirected_bytes + self.agent_written() + bypassed;
         if in_tcp > expected_max {
             return Err(self.integrity_error(format!(
                 "the peer's TCP stream holds {in_tcp} bytes but only {expected_max} were redirected or \
@@ -1360,7 +1355,7 @@ impl<'a> Direction<'a> {
     /// reached `dst`'s stream past `src` (local redirect; 0 otherwise).
     fn check_complete(&self) -> io::Result<u64> {
         let side = self.splicer.side(self.src_cookie);
-        let moved = side.redirected_bytes + self.agent_written;
+        let moved = side.redirected_bytes + self.agent_written();
         // At EOF the FIN has been received, and counts as one byte.
         let received = tcp_bytes_received(self.src)?.saturating_sub(1);
         // At EOF the stream is quiet but ACKs of its tail may still arrive: ask until a
@@ -1382,7 +1377,8 @@ impl<'a> Direction<'a> {
             return Err(self.integrity_error(format!(
                 "{received} bytes received, {} redirected + {} moved by the agent, {in_tcp} in the \
                  peer's stream ({bypassed} sent there directly by a local endpoint)",
-                side.redirected_bytes, self.agent_written
+                side.redirected_bytes,
+                self.agent_written()
             )));
         }
         Ok(bypassed)
@@ -1418,7 +1414,7 @@ impl<'a> Direction<'a> {
             let done = self.splicer.redirects_in_tcp(
                 self.src_cookie,
                 self.dst,
-                self.agent_written,
+                self.agent_written(),
                 self.dst_syn,
                 self.bypass,
             )?;
@@ -1438,7 +1434,7 @@ impl<'a> Direction<'a> {
         let deadline = Instant::now() + FIN_PROCESSED_WAIT;
         loop {
             let side = self.splicer.side(self.src_cookie);
-            let moved = side.redirected_bytes + self.agent_written;
+            let moved = side.redirected_bytes + self.agent_written();
             let received = tcp_bytes_received(self.src)?.saturating_sub(1);
             if moved == received {
                 break;
@@ -1484,12 +1480,17 @@ fn set_rcvlowat(stream: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
 /// Bytes queued on `stream` for reading (`FIONREAD`): on a spliced socket, what the verdict
 /// passed and nobody read yet.
 fn inq(stream: &TcpStream) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+    Ok(usize::try_from(ioctl_int(stream, libc::FIONREAD)?).unwrap_or(0))
+}
+
+/// A socket ioctl that reports one int (`FIONREAD`, `SIOCOUTQ`).
+fn ioctl_int(stream: &TcpStream, request: libc::c_ulong) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: these requests write one int.
+    if unsafe { libc::ioctl(stream.as_raw_fd(), request, &mut value) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(usize::try_from(n).unwrap_or(0))
+    Ok(value)
 }
 
 /// Reads up to `buf.len()` bytes from `stream` without consuming them (`MSG_PEEK`, non-blocking).
@@ -1587,11 +1588,7 @@ const TCP_CLOSE: u8 = 7;
 fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<Option<u64>> {
     let mut acked = tcp_bytes_acked(stream)?;
     for _ in 0..STREAM_READ_ATTEMPTS {
-        let mut outq: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ writes one int.
-        if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let outq = ioctl_int(stream, libc::TIOCOUTQ)?;
         let again = tcp_bytes_acked(stream)?;
         if again == acked {
             return Ok(Some(acked + outq.max(0) as u64));
