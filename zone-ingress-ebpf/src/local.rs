@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use zone_ingress_common::{LocalFlow, LocalKey, MAX_SOCKETS, ProgCounter};
 
-use crate::{ZI_CTRL, ZI_EVENTS, ZI_FLOWS, ZI_ROUTE_BYTES, ZI_SOCKS, count};
+use crate::{ZI_CTRL, ZI_FLOWS, ZI_ROUTE_BYTES, ZI_SOCKS, count, notify};
 
 /// Endpoint sockets whose sends `zi_local_msg` sees, keyed by socket cookie.
 #[map(name = "ZI_LOCAL_SOCKS")]
@@ -187,11 +187,7 @@ pub fn zi_local_msg(ctx: SkMsgContext) -> u32 {
         if (*side).redirected_bytes + len > ask_at && (*side).notified_limit != limit {
             (*side).notified_limit = limit;
             (*side).limit_events += 1;
-            if ZI_EVENTS.output::<u64>(&flow.endpoint_cookie, 0).is_ok() {
-                count(ProgCounter::LimitEvents);
-            } else {
-                count(ProgCounter::EventsLost);
-            }
+            notify(flow.endpoint_cookie);
         }
     }
     let mut down = flow.down_cookie;

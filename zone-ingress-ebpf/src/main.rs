@@ -45,6 +45,17 @@ pub(crate) static ZI_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map(name = "ZI_COUNTERS")]
 static ZI_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROG_COUNTERS, 0);
 
+/// Sends `cookie` on `ZI_EVENTS` (the agent wakes the watch of that socket's direction), counted
+/// as sent or lost.
+#[inline(always)]
+pub(crate) fn notify(cookie: u64) {
+    if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
+        count(ProgCounter::LimitEvents);
+    } else {
+        count(ProgCounter::EventsLost);
+    }
+}
+
 /// Route id -> bytes redirected for the route, per CPU: one inlined array access per redirected
 /// skb, no atomics, no shared cache line.
 #[map(name = "ZI_ROUTE_BYTES")]
@@ -119,11 +130,7 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
             // moves the limit along with what the peer takes.
             (*side).notified_limit = notify_at;
             (*side).limit_events += 1;
-            if ZI_EVENTS.output::<u64>(&cookie, 0).is_ok() {
-                count(ProgCounter::LimitEvents);
-            } else {
-                count(ProgCounter::EventsLost);
-            }
+            notify(cookie);
         }
         if (*side).paused != 0 {
             if !(after <= limit && (*side).passed_bytes == forwarded) {
