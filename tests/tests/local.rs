@@ -31,6 +31,16 @@ fn options(local_redirect: &str) -> Options {
     opts
 }
 
+/// The agent options of one compared mode: `auto` or `off` (the splice, with or without the local
+/// redirect), or `userspace` (the copy).
+fn mode_options(mode: &str) -> Options {
+    if mode == "userspace" {
+        Options::new(Datapath::Userspace)
+    } else {
+        options(mode)
+    }
+}
+
 /// One BPF program counter (`zone-ingress maps dump stats --json`).
 fn prog_counter(agent: &Agent<'_>, name: &str) -> u64 {
     let out = std::process::Command::new(zone_ingress_tests::agent::binary())
@@ -209,8 +219,7 @@ async fn rpc_replies_skip_loopback() {
         let routes = [Route::new(SNI_BACKEND, &[backend.addr])];
         let mut report = Vec::new();
         for mode in ["auto", "off", "userspace"] {
-            let opts = if mode == "userspace" { Options::new(Datapath::Userspace) } else { options(mode) };
-            let agent = Agent::start(&topo.ingress, &routes, opts).await;
+            let agent = Agent::start(&topo.ingress, &routes, mode_options(mode)).await;
             let lo0 = lo_rx_bytes(&topo.ingress);
             let secs = echo_rounds(&topo, &agent, ROUNDS, SIZE).await;
             let lo = lo_rx_bytes(&topo.ingress) - lo0;
@@ -278,12 +287,7 @@ async fn bulk_falls_back_in_order() {
         let routes = [Route::new(SNI_BACKEND, &[backend.addr])];
         let mut report = Vec::new();
         for mode in ["auto", "off", "userspace"] {
-            let opts = if mode == "userspace" {
-                Options::new(Datapath::Userspace)
-            } else {
-                options(mode)
-            };
-            let agent = Agent::start(&topo.ingress, &routes, opts).await;
+            let agent = Agent::start(&topo.ingress, &routes, mode_options(mode)).await;
             let secs = bulk_flow(&topo, &agent, &mut backend, EACH_WAY, EACH_WAY).await;
             let m = agent.metrics().await;
             let expect = match mode {
