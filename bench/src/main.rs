@@ -151,10 +151,13 @@ struct Args {
     /// Do not pin the load generator and the proxy to different CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// Steer the ingress namespace's receive processing (RPS) to these CPUs, a hex mask such as `2`:
-    /// where the kernel splice's softirq and redirect worker run (a placement experiment, off by default).
-    #[arg(long, value_name = "HEXMASK")]
-    ingress_rps: Option<String>,
+    /// Where each namespace's receive processing runs. `hosts` (the default when pinned): every
+    /// namespace receives on its own side's CPU (RPS), the ingress on the proxy's CPU and the client and
+    /// backend on the load generator's, as if they were separate hosts with their own NIC queues.
+    /// `off`: the kernel's default for veth, receive processing on the sending CPU, so much of the
+    /// ingress's kernel work (all of the splice's) lands on the load generator's CPU.
+    #[arg(long, value_enum, default_value_t = Rps::Hosts)]
+    rps: Rps,
     /// Seed of the random path order (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -174,6 +177,12 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Rps {
+    Hosts,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum GuardDrop {
     On,
     Only,
@@ -184,7 +193,8 @@ enum GuardDrop {
 struct Cfg {
     proxy: ProxySettings,
     loadgen_cpu: Option<usize>,
-    ingress_rps: Option<String>,
+    /// RPS masks (hex) of the ingress namespace's veths and of the client's and backend's, when set.
+    rps: Option<RpsMasks>,
     bulk_bytes: u64,
     paced_bytes: u64,
     paced_rate: f64,
@@ -353,7 +363,13 @@ fn run(args: Args) -> Result<()> {
             nofile,
         },
         loadgen_cpu,
-        ingress_rps: args.ingress_rps.clone(),
+        rps: match (args.rps, loadgen_cpu, proxy_cpu) {
+            (Rps::Hosts, Some(l), Some(p)) => Some(RpsMasks {
+                ingress: format!("{:x}", 1u64 << p),
+                peers: format!("{:x}", 1u64 << l),
+            }),
+            _ => None,
+        },
         bulk_bytes,
         paced_bytes,
         paced_rate: args.paced_rate * 1e6,
@@ -645,6 +661,11 @@ fn set_sysctl(key: &str, value: &str) {
     }
 }
 
+struct RpsMasks {
+    ingress: String,
+    peers: String,
+}
+
 /// Sets the RPS CPU mask of `devs` in namespace `ns` (`ip netns exec` remounts /sys for that namespace).
 fn set_rps(ns: &str, devs: &[&str], mask: &str) {
     for dev in devs {
@@ -705,8 +726,14 @@ async fn run_one(
         });
     }
 
-    if let Some(mask) = &cfg.ingress_rps {
-        set_rps(topo.ingress.name(), &["to-client", "to-backend"], mask);
+    if let Some(rps) = &cfg.rps {
+        set_rps(
+            topo.ingress.name(),
+            &["to-client", "to-backend"],
+            &rps.ingress,
+        );
+        set_rps(&c, &["to-ingress", "to-backend"], &rps.peers);
+        set_rps(&b, &["to-ingress", "to-client"], &rps.peers);
     }
 
     let listener = topo
@@ -923,9 +950,18 @@ fn markdown(
     let placement = match (cfg.loadgen_cpu, cfg.proxy.cpu) {
         (Some(l), Some(p)) => format!(
             "load generator (client and backend threads, all the TLS) pinned to CPU {l}; the proxy pinned to CPU {p} \
-             (`taskset`); kernel softirq and workers run wherever the kernel puts them"
+             (`taskset`); {}",
+            if cfg.rps.is_some() {
+                format!(
+                    "receive processing as on separate hosts (`--rps hosts`, RPS on every veth): the ingress \
+                     namespace's on CPU {p}, the client's and backend's on CPU {l}, so the softirq and \
+                     kernel workers a proxy causes run on the proxy's CPU"
+                )
+            } else {
+                "receive processing on the sending CPU (`--rps off`, veth's default)".to_string()
+            }
         ),
-        _ => "nothing pinned".to_string(),
+        _ => "nothing pinned; receive processing on the sending CPU (veth's default)".to_string(),
     };
     let _ = writeln!(s, "- CPU placement: {placement}\n");
     let _ = writeln!(s, "{}", report::render_markdown(rows));
@@ -969,10 +1005,16 @@ fn markdown(
          at the client.",
         "connect: 64 loops of new TCP connection + full mTLS handshake (rustls may resume sessions) + one 1 KiB \
          RPC + close both ways; connections/s.",
-        "Pinning caveat: the sockmap path's redirect work runs in softirq and a kernel worker on the CPU that \
-         receives the packets, which is mostly the load generator's CPU; with only 2 CPUs that CPU is the \
-         bottleneck, so pinned runs understate the splice's throughput (`--no-pin` lets the kernel spread the \
-         work; in a quick unpinned check both agent paths held the 500 MB/s pace at 2.3-2.9 s/GB).",
+        "Receive placement (`--rps hosts`, the default when pinned): a veth runs its receiver's softirq on the \
+         sending CPU, so without RPS most of the ingress's kernel work (all of the splice's: the verdict and \
+         the redirect worker) would run on the load generator's CPU, and the proxy's own CPU would be idle \
+         for the splice and busy for the copies. RPS on every veth puts each namespace's receive processing \
+         on its own side's CPU, as separate hosts with their own NIC queues would. The cross-CPU hand-off \
+         costs every proxied path IPIs (machine CPU per GB and rpc latency are higher than with \
+         `--rps off` for all of them); `--rps off` reproduces the old placement (bench/levers.md, section 12).",
+        "Machine CPU floor: the client's and backend's TLS and TCP are in every path's machine CPU, so \
+         `direct` is the floor no proxy can go below; the paced target of 0.6x HAProxy's machine CPU lies \
+         below that floor whenever HAProxy adds less than 40 % to it (it adds far less here).",
         "HAProxy's forced splice lost the tail of a half-closed flow in some bulk runs here (see the notes when \
          it happens); `--haproxy-no-splice` runs it without splice.",
         "Machine-wide CPU counts everything on the host, including other work running at the same time: on a \
