@@ -1333,7 +1333,12 @@ impl<'a> Direction<'a> {
         if moved != last.0 {
             *last = (moved, now);
         }
-        Ok(side.paused != 0 || now.duration_since(last.1) < COOL_AFTER)
+        // Ticks only while the queue is deep: a shallow one is followed by the verdict's event at
+        // `notify_at`, which comes again at the next skb if the queue is still half a budget deep
+        // then. Ticking every flow that merely moves (an rpc flow always does) cost a wake-up per
+        // direction per millisecond on the CPU the splice's kernel worker needs.
+        let deep = queued > self.splicer.budget / 4;
+        Ok(side.paused != 0 || (deep && now.duration_since(last.1) < COOL_AFTER))
     }
 
     /// Every byte in `dst`'s TCP stream came from the redirect or from the agent, so more than
