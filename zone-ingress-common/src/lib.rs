@@ -86,6 +86,14 @@ pub struct FlowSide {
     pub paused: u64,
     /// Times the flow paused.
     pub pauses: u64,
+    /// TCP sequence number just past the last byte the verdict handed on (valid when `seq_known`).
+    pub next_seq: u32,
+    /// 1 once the verdict saw this socket's first data skb.
+    pub seq_known: u32,
+    /// Bytes the verdict cut off the head of skbs because they were already handed on: a
+    /// retransmission that overlaps received data reaches the verdict whole (`tcp_read_skb`
+    /// ignores how much of an skb was already consumed).
+    pub overlap_bytes: u64,
 }
 
 /// [`FlowSide::direction`] of the client's socket: its bytes go to the endpoint.
@@ -278,7 +286,7 @@ pub struct FlowInfo {
 
 // Every value is a multiple of 8 bytes with no padding, so `bpftool map dump` shows whole u64
 // words and a reader can check a pinned map against these sizes.
-const _: () = assert!(core::mem::size_of::<FlowSide>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowSide>() == 96);
 const _: () = assert!(core::mem::size_of::<FlowCtrl>() == 32);
 const _: () = assert!(core::mem::size_of::<RouteBytes>() == 24);
 const _: () = assert!(core::mem::size_of::<RouteInfo>() == 40 + 2 * ROUTE_NAME_MAX);
@@ -348,10 +356,16 @@ pub enum ProgCounter {
     Paused = 13,
     /// Paused flows that resumed redirecting.
     Resumed = 14,
+    /// skbs that repeated bytes already handed on (an overlapping retransmission): trimmed to
+    /// their new bytes, or dropped when they held nothing new.
+    Overlaps = 15,
+    /// Overlapping skbs the verdict could not trim (the repeat goes on; the agent's accounting
+    /// then resets the flow).
+    OverlapTrimFailed = 16,
 }
 
 /// Number of [`ProgCounter`] slots.
-pub const PROG_COUNTERS: u32 = 15;
+pub const PROG_COUNTERS: u32 = 17;
 
 /// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
 pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
@@ -370,6 +384,8 @@ pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
     "local_fell_back",
     "paused",
     "resumed",
+    "overlaps",
+    "overlap_trim_failed",
 ];
 
 #[cfg(feature = "user")]

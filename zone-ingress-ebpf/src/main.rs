@@ -15,7 +15,7 @@ use aya_ebpf::{
         BPF_F_NO_PREALLOC,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skb_adjust_room},
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -101,6 +101,10 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         count(ProgCounter::DroppedEmpty);
         return SK_DROP;
     }
+    let len = match skip_repeated_bytes(&ctx, side, len) {
+        Some(len) => len,
+        None => return SK_DROP,
+    };
     // Not armed (no control entry, or armed = 0): pass everything to the socket's own queue, where
     // the agent's userspace copy reads it.
     let (armed, limit, notify_at, forwarded) = match ZI_CTRL.get_ptr(cookie) {
@@ -179,6 +183,69 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         count(ProgCounter::RedirectFailed);
     }
     verdict
+}
+
+/// Offset of `cb` in `struct sk_buff` on 64-bit kernels (after next, prev, dev, sk and tstamp;
+/// unchanged since 4.x, checked against this kernel's BTF). A received TCP skb's `cb` starts with
+/// `TCP_SKB_CB(skb)->seq`.
+const SKB_CB_OFFSET: usize = 40;
+/// `bpf_skb_adjust_room` on an sk_skb trims at most 4095 bytes per call.
+const TRIM_STEP: u32 = 4095;
+/// Steps per skb: up to ~256 KiB of repeated bytes (a whole GSO retransmission).
+const TRIM_STEPS: u32 = 64;
+
+/// `tcp_read_skb` hands the verdict whole skbs, including the head of one that repeats bytes
+/// already received (a retransmission that overlaps them: TCP queues it with `seq < rcv_nxt`
+/// and a reader is meant to skip the overlap). Redirected or passed whole, those bytes would
+/// reach the peer twice. So the verdict remembers where the stream is and cuts the repeat off.
+/// Returns the skb's new length, or `None` when it held nothing new (drop it).
+#[inline(always)]
+fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Option<u64> {
+    // SAFETY: reads 4 bytes of the kernel's sk_buff behind this program's context; the helper
+    // copes with any address.
+    let seq = unsafe {
+        bpf_probe_read_kernel((ctx.skb.skb as *const u8).add(SKB_CB_OFFSET) as *const u32)
+    };
+    let Ok(seq) = seq else {
+        return Some(len);
+    };
+    // SAFETY: map value pointer, single writer (see the verdict).
+    unsafe {
+        if (*side).seq_known == 0 {
+            (*side).seq_known = 1;
+            (*side).next_seq = seq.wrapping_add(len as u32);
+            return Some(len);
+        }
+        let behind = (*side).next_seq.wrapping_sub(seq) as i32;
+        if behind <= 0 {
+            (*side).next_seq = seq.wrapping_add(len as u32);
+            return Some(len);
+        }
+        count(ProgCounter::Overlaps);
+        let repeat = (behind as u64).min(len) as u32;
+        let mut left = repeat;
+        for _ in 0..TRIM_STEPS {
+            if left == 0 {
+                break;
+            }
+            let step = if left > TRIM_STEP { TRIM_STEP } else { left };
+            if bpf_skb_adjust_room(ctx.skb.skb, -(step as i32), 0, 0) != 0 {
+                break;
+            }
+            left -= step;
+        }
+        if left != 0 {
+            count(ProgCounter::OverlapTrimFailed);
+            return Some(ctx.len() as u64);
+        }
+        (*side).overlap_bytes += repeat as u64;
+        if repeat as u64 == len {
+            // Nothing new; trimmed to zero length so the kernel's stream position stays put.
+            return None;
+        }
+        (*side).next_seq = seq.wrapping_add(len as u32);
+        Some(ctx.len() as u64)
+    }
 }
 
 #[cfg(not(test))]
