@@ -485,19 +485,25 @@ impl Splicer {
             }
         };
         let route_id = self.routes.hold(route);
-        // Armed before inserted: from its first skb, every byte of the flow is redirected.
-        let entries = self
-            .set_ctrl(down_cookie, self.flow_ctrl(0, 0))
-            .and_then(|_| {
-                self.set_ctrl(up_cookie, self.flow_ctrl(0, 0))?;
-                let mut flows = lock(&self.flows);
-                flows.insert(down_cookie, side(up_cookie, route_id, DIR_UP), 0)?;
-                if let Some((_, ep)) = local_ep {
-                    // The endpoint socket's side: sk_msg counts the bytes it redirects here.
-                    flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
-                }
-                flows.insert(up_cookie, side(down_cookie, route_id, DIR_DOWN), 0)
-            });
+        // Armed before inserted, but held: until the replayed bytes below are in the peers'
+        // streams, the verdict passes what arrives to the socket's own queue (a flow paused from
+        // the start, with nothing forwarded yet). Redirected at once, a client's early bytes
+        // would enter the endpoint's stream between two parts of a replay the send buffer took
+        // in pieces (seen: 92 KB out of place in a client that sent right after its hello).
+        let held = FlowCtrl {
+            forwarded: REPLAY_PENDING,
+            ..self.flow_ctrl(0, 0)
+        };
+        let entries = self.set_ctrl(down_cookie, held).and_then(|_| {
+            self.set_ctrl(up_cookie, held)?;
+            let mut flows = lock(&self.flows);
+            flows.insert(down_cookie, held_side(up_cookie, route_id, DIR_UP), 0)?;
+            if let Some((_, ep)) = local_ep {
+                // The endpoint socket's side: sk_msg counts the bytes it redirects here.
+                flows.insert(ep, side(down_cookie, route_id, DIR_DOWN), 0)?;
+            }
+            flows.insert(up_cookie, held_side(down_cookie, route_id, DIR_DOWN), 0)
+        });
         if let Err(e) = entries {
             self.forget(down_cookie, up_cookie);
             self.routes.release(route_id, 0, 0);
@@ -570,7 +576,14 @@ impl Splicer {
         let written = match write_all(&up, &to_up).await {
             Ok(()) => write_all(&down, &to_down).await,
             Err(e) => Err(e),
-        };
+        }
+        .and_then(|()| {
+            // Release the hold: the verdict resumes at the next skb once the agent forwarded
+            // what it passed meanwhile (nothing, usually: a TLS peer waits for the other side).
+            self.set_ctrl(down_cookie, self.flow_ctrl(0, 0))
+                .and_then(|()| self.set_ctrl(up_cookie, self.flow_ctrl(0, 0)))
+                .map_err(io::Error::other)
+        });
         if let Err(e) = written {
             // A peer broke before the flow started; the other learns it from a reset.
             tracing::debug!(error = %e, "writing the replayed bytes failed");
@@ -999,6 +1012,18 @@ fn side(peer_cookie: u64, route_id: u32, direction: u32) -> FlowSide {
         route_id,
         direction,
         ..FlowSide::default()
+    }
+}
+
+/// `FlowCtrl::forwarded` while a flow's replayed bytes are being written: never equal to a
+/// passed-byte count, so a held flow does not resume before the agent releases it.
+const REPLAY_PENDING: u64 = u64::MAX;
+
+/// A spliced socket's side, paused from the start (see the handoff); not counted as a pause.
+fn held_side(peer_cookie: u64, route_id: u32, direction: u32) -> FlowSide {
+    FlowSide {
+        paused: 1,
+        ..side(peer_cookie, route_id, direction)
     }
 }
 
@@ -1500,13 +1525,22 @@ fn ioctl_int(stream: &TcpStream, request: libc::c_ulong) -> io::Result<libc::c_i
 
 /// Reads up to `buf.len()` bytes from `stream` without consuming them (`MSG_PEEK`, non-blocking).
 fn peek(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(stream, buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+/// Reads up to `buf.len()` bytes from `stream`, non-blocking, always asking the kernel.
+fn recv_nonblocking(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(stream, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_flags(stream: &TcpStream, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: recv writes at most buf.len() bytes into buf.
     let n = unsafe {
         libc::recv(
             stream.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            flags,
         )
     };
     if n < 0 {
@@ -1563,7 +1597,10 @@ fn drain_queued(stream: &TcpStream, out: &mut Vec<u8>) -> Result<(), SpliceRefus
     let mut buf = [0u8; 16 * 1024];
     let start = out.len();
     loop {
-        match stream.try_read(&mut buf) {
+        // A plain non-blocking recv, not `try_read`: tokio answers WouldBlock from its cached
+        // readiness without asking the kernel once a read saw the queue empty, and bytes that
+        // came since (or the rest of an skb a read took only in part) would be left behind.
+        match recv_nonblocking(stream, &mut buf) {
             Ok(0) => return Err(SpliceRefused::PeerClosed),
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
