@@ -185,6 +185,11 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
     verdict
 }
 
+/// 1 when the verdict may read the kernel's `struct sk_buff` (`bpf_probe_read_kernel` needs
+/// CAP_PERFMON): set by the loader. At 0 the trim below is dead code, which the verifier skips.
+#[unsafe(no_mangle)]
+static TRIM_REPEATS: u8 = 1;
+
 /// Offset of `cb` in `struct sk_buff` on 64-bit kernels (after next, prev, dev, sk and tstamp;
 /// unchanged since 4.x, checked against this kernel's BTF). A received TCP skb's `cb` starts with
 /// `TCP_SKB_CB(skb)->seq`.
@@ -201,6 +206,10 @@ const TRIM_STEPS: u32 = 64;
 /// Returns the skb's new length, or `None` when it held nothing new (drop it).
 #[inline(always)]
 fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Option<u64> {
+    // SAFETY: a read of a constant the loader set; volatile so the compiler keeps the branch.
+    if unsafe { core::ptr::read_volatile(&TRIM_REPEATS) } == 0 {
+        return Some(len);
+    }
     // SAFETY: reads 4 bytes of the kernel's sk_buff behind this program's context; the helper
     // copes with any address.
     let seq = unsafe {

@@ -45,8 +45,8 @@ pub enum BpfError {
     NotBuilt,
     #[error(
         "loading the BPF programs needs capabilities this process does not have: missing {missing}. \
-         Grant them (Kubernetes: securityContext.capabilities.add [BPF, NET_ADMIN]; systemd: \
-         AmbientCapabilities=CAP_BPF CAP_NET_ADMIN) or run with --datapath userspace"
+         Grant them (Kubernetes: securityContext.capabilities.add [BPF, NET_ADMIN, PERFMON]; systemd: \
+         AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON) or run with --datapath userspace"
     )]
     MissingCapabilities { missing: String },
     #[error("{0}")]
@@ -218,6 +218,21 @@ impl BpfPrograms {
             }
             loader.map_max_entries(map_names::FLOW_INFO, (n / 2).max(1));
         }
+        // The verdict trims bytes an overlapping retransmission repeats by reading the skb's TCP
+        // sequence number from the kernel's sk_buff, which needs CAP_PERFMON (or CAP_SYS_ADMIN).
+        let trim = crate::privs::current().is_ok_and(|c| {
+            c.effective & ((1 << crate::privs::CAP_PERFMON) | (1 << crate::privs::CAP_SYS_ADMIN))
+                != 0
+        });
+        if !trim {
+            tracing::warn!(
+                "no CAP_PERFMON: the splice cannot read TCP sequence numbers, so bytes an \
+                 overlapping retransmission repeats are not trimmed and the integrity checks reset \
+                 such a flow instead; grant CAP_PERFMON (it is dropped after loading) to avoid it"
+            );
+        }
+        let trim = u8::from(trim);
+        loader.override_global("TRIM_REPEATS", &trim, true);
         // The loader opens a map pinned at its path, or creates and pins it there.
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));

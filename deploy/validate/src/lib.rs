@@ -58,5 +58,6 @@ pub const PLAIN_ENV: &[&str] = &["POD_NAME", "POD_NAMESPACE", "RUST_LOG", "NO_CO
 
 /// The capabilities to load, attach and pin the BPF programs, in Kubernetes' spelling (no
 /// `CAP_` prefix). The manifests and the unit must grant exactly these; the capabilities test
-/// proves they are enough and that each one is needed.
-pub const BPF_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN"];
+/// proves they are enough and that each one is needed (PERFMON for the verdict's retransmission
+/// trim, which the agent otherwise reports it cannot do).
+pub const BPF_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
