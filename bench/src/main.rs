@@ -1014,7 +1014,8 @@ fn markdown(
          `--rps off` for all of them); `--rps off` reproduces the old placement (bench/levers.md, section 12).",
         "Machine CPU floor: the client's and backend's TLS and TCP are in every path's machine CPU, so \
          `direct` is the floor no proxy can go below; the paced target of 0.6x HAProxy's machine CPU lies \
-         below that floor whenever HAProxy adds less than 40 % to it (it adds far less here).",
+         below that floor whenever HAProxy adds less than two thirds to it, and leaves a path little \
+         more than what `direct` costs when HAProxy adds a little more.",
         "HAProxy's forced splice lost the tail of a half-closed flow in some bulk runs here (see the notes when \
          it happens); `--haproxy-no-splice` runs it without splice.",
         "Machine-wide CPU counts everything on the host, including other work running at the same time: on a \
