@@ -40,6 +40,18 @@ fn stream(n: usize, seed: u64) -> Arc<Vec<u8>> {
     Arc::new(v)
 }
 
+/// Writes `data` in 64 KiB chunks, then closes the write side.
+async fn send(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8], who: &str) -> Result<(), String> {
+    for c in data.chunks(BLOCK) {
+        w.write_all(c)
+            .await
+            .map_err(|e| format!("{who} write: {e}"))?;
+    }
+    w.shutdown()
+        .await
+        .map_err(|e| format!("{who} shutdown: {e}"))
+}
+
 /// Reads to EOF, comparing with `want`; on the first difference describes it.
 async fn check(r: &mut (impl AsyncReadExt + Unpin), want: &[u8], who: &str) -> Result<(), String> {
     let mut buf = vec![0u8; 256 * 1024];
@@ -88,21 +100,19 @@ async fn raw_bulk(dp: Datapath) {
         .listen(Topology::backend_addr(BACKEND_PORT))
         .await;
     let backend = {
-        let (up_data, down_data, hlen) = (up_data.clone(), down_data.clone(), hello.len());
+        let (up_data, down_data, hello) = (up_data.clone(), down_data.clone(), hello.clone());
         tokio::spawn(async move {
             let (s, _) = listener.accept().await.map_err(|e| e.to_string())?;
             let (mut r, mut w) = s.into_split();
-            let mut h = vec![0u8; hlen];
+            let mut h = vec![0u8; hello.len()];
             r.read_exact(&mut h).await.map_err(|e| e.to_string())?;
-            let send = async {
-                for c in down_data.chunks(BLOCK) {
-                    w.write_all(c)
-                        .await
-                        .map_err(|e| format!("backend write: {e}"))?;
-                }
-                w.shutdown().await.map_err(|e| e.to_string())
-            };
-            let (a, b) = tokio::join!(send, check(&mut r, &up_data, "backend (client->backend)"));
+            if h != hello {
+                return Err("the endpoint's first bytes are not the replayed ClientHello".into());
+            }
+            let (a, b) = tokio::join!(
+                send(&mut w, &down_data, "backend"),
+                check(&mut r, &up_data, "backend (client->backend)")
+            );
             a.and(b)
         })
     };
@@ -124,15 +134,10 @@ async fn raw_bulk(dp: Datapath) {
     let s: TcpStream = topo.client.connect(agent.addr()).await.expect("connect");
     let (mut r, mut w) = s.into_split();
     w.write_all(&hello).await.expect("hello");
-    let send = async {
-        for c in up_data.chunks(BLOCK) {
-            w.write_all(c)
-                .await
-                .map_err(|e| format!("client write: {e}"))?;
-        }
-        w.shutdown().await.map_err(|e| e.to_string())
-    };
-    let (a, b) = tokio::join!(send, check(&mut r, &down_data, "client (backend->client)"));
+    let (a, b) = tokio::join!(
+        send(&mut w, &up_data, "client"),
+        check(&mut r, &down_data, "client (backend->client)")
+    );
     let back = tokio::time::timeout(Duration::from_secs(60), backend)
         .await
         .expect("backend done")

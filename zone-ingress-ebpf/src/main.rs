@@ -243,16 +243,18 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Op
             }
             left -= step;
         }
+        (*side).next_seq = seq.wrapping_add(len as u32);
+        (*side).overlap_bytes += u64::from(repeat - left);
         if left != 0 {
+            // The rest of the repeat goes on with the skb; the agent's accounting sees more
+            // bytes handed on than received and resets the flow.
             count(ProgCounter::OverlapTrimFailed);
             return Some(ctx.len() as u64);
         }
-        (*side).overlap_bytes += repeat as u64;
         if repeat as u64 == len {
             // Nothing new; trimmed to zero length so the kernel's stream position stays put.
             return None;
         }
-        (*side).next_seq = seq.wrapping_add(len as u32);
         Some(ctx.len() as u64)
     }
 }
