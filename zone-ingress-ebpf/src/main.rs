@@ -220,18 +220,24 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Op
     };
     // SAFETY: map value pointer, single writer (see the verdict).
     unsafe {
-        if (*side).seq_known == 0 {
-            (*side).seq_known = 1;
-            (*side).next_seq = seq.wrapping_add(len as u32);
-            return Some(len);
-        }
-        let behind = (*side).next_seq.wrapping_sub(seq) as i32;
+        let end = seq.wrapping_add(len as u32);
+        let behind = if (*side).seq_known == 0 {
+            0
+        } else {
+            (*side).next_seq.wrapping_sub(seq) as i32
+        };
+        (*side).seq_known = 1;
         if behind <= 0 {
-            (*side).next_seq = seq.wrapping_add(len as u32);
+            (*side).next_seq = end;
             return Some(len);
         }
         count(ProgCounter::Overlaps);
         let repeat = (behind as u64).min(len) as u32;
+        if u64::from(repeat) < len {
+            // New bytes follow the repeat: the mark moves to their end. (An skb of old bytes only
+            // ends before the mark and must not move it back.)
+            (*side).next_seq = end;
+        }
         let mut left = repeat;
         for _ in 0..TRIM_STEPS {
             if left == 0 {
@@ -243,7 +249,6 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Op
             }
             left -= step;
         }
-        (*side).next_seq = seq.wrapping_add(len as u32);
         (*side).overlap_bytes += u64::from(repeat - left);
         if left != 0 {
             // The rest of the repeat goes on with the skb; the agent's accounting sees more
@@ -251,7 +256,7 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Op
             count(ProgCounter::OverlapTrimFailed);
             return Some(ctx.len() as u64);
         }
-        if repeat as u64 == len {
+        if u64::from(repeat) == len {
             // Nothing new; trimmed to zero length so the kernel's stream position stays put.
             return None;
         }
