@@ -220,10 +220,8 @@ impl BpfPrograms {
         }
         // The verdict trims bytes an overlapping retransmission repeats by reading the skb's TCP
         // sequence number from the kernel's sk_buff, which needs CAP_PERFMON (or CAP_SYS_ADMIN).
-        let trim = crate::privs::current().is_ok_and(|c| {
-            c.effective & ((1 << crate::privs::CAP_PERFMON) | (1 << crate::privs::CAP_SYS_ADMIN))
-                != 0
-        });
+        let trim =
+            crate::privs::current().is_ok_and(|c| crate::privs::perfmon_capable(c.effective));
         if !trim {
             tracing::warn!(
                 "no CAP_PERFMON: the splice cannot read TCP sequence numbers, so bytes an \

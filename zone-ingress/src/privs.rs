@@ -148,6 +148,12 @@ pub fn kernel_has_cap_bpf() -> bool {
         .is_some_and(|last| last >= CAP_BPF)
 }
 
+/// The kernel's `perfmon_capable()` for the effective set `eff` (CAP_PERFMON or CAP_SYS_ADMIN):
+/// what a BPF program needs to read kernel memory (`bpf_probe_read_kernel`).
+pub fn perfmon_capable(eff: u64) -> bool {
+    eff & (bit(CAP_PERFMON) | bit(CAP_SYS_ADMIN)) != 0
+}
+
 /// What loading the sockmap data path needs and the effective set `eff` lacks, each with why, in
 /// the words an operator greps for. Empty when nothing is missing.
 pub fn missing_for_bpf(eff: u64, bpffs_mounted: bool) -> Vec<String> {
@@ -326,6 +332,13 @@ mod tests {
             "{m:?}"
         );
         assert_eq!(missing_for_bpf(0, true).len(), 2);
+    }
+
+    #[test]
+    fn perfmon_capable_as_the_kernel_says() {
+        assert!(perfmon_capable(bit(CAP_PERFMON)));
+        assert!(perfmon_capable(bit(CAP_SYS_ADMIN)));
+        assert!(!perfmon_capable(bit(CAP_BPF) | bit(CAP_NET_ADMIN)));
     }
 
     #[test]
