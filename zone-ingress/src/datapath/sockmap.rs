@@ -1576,7 +1576,9 @@ async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut buf = vec![0u8; FORWARD_CHUNK];
     let mut moved = 0u64;
     loop {
-        match src.try_read(&mut buf) {
+        // Asks the kernel each time, as `drain_queued` does: a WouldBlock from tokio's cached
+        // readiness would end the flow with a FIN ahead of bytes still queued.
+        match recv_nonblocking(src, &mut buf) {
             Ok(0) => return Ok(moved),
             Ok(n) => {
                 write_all(dst, &buf[..n]).await?;
