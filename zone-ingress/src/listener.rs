@@ -320,10 +320,10 @@ async fn move_bytes(
     let progress = tracked
         .as_ref()
         .map_or_else(Default::default, |(_, t)| t.progress.clone());
-    let summary =
+    let mut summary =
         copy_until_drained(ingress.drain.clone(), down, up, &to_up, &to_down, &progress).await;
     if let Some((splicer, flow)) = tracked {
-        splicer.end_userspace(flow, &summary);
+        splicer.end_userspace(flow, &mut summary);
     }
     (DatapathKind::Userspace, summary)
 }

@@ -2,10 +2,13 @@
 //! client socket's cookie, so `zone-ingress maps dump flows` can show every live flow with its
 //! addresses, route, bytes, age and datapath, even after the agent died.
 //!
-//! Spliced flows: the entry holds the bytes the agent moved itself (the replayed ClientHello); the
-//! kernel's count is in the flow's `ZI_FLOWS` entries, which a reader adds. Userspace flows: the
-//! copy bumps shared counters and one task rewrites the entries of flows that moved bytes, once a
-//! second ([`PUBLISH_EVERY`]); a flow's entry is deleted when it ends.
+//! The entry holds the bytes the agent moved itself: all of a userspace flow's, and a spliced
+//! flow's replayed ClientHello plus what it forwarded while the flow was paused; the kernel's
+//! count of a spliced flow is in its `ZI_FLOWS` entries, which a reader adds. The flow's task bumps
+//! shared counters ([`AgentBytes`]) and one task ([`FlowRecords::publish`], every
+//! [`PUBLISH_EVERY`]) rewrites the entries of flows that moved bytes and hands the new bytes to
+//! the route and Prometheus counters, so those grow while a flow runs, not only when it ends. A
+//! flow's entry is deleted when it ends.
 
 use std::collections::HashMap as StdHashMap;
 use std::sync::atomic::Ordering;
@@ -18,15 +21,45 @@ use zone_ingress_common::{FlowInfo, SockAddr};
 
 use super::userspace::Progress;
 
-/// How often the entries of userspace flows get their byte counts.
+/// How often the entries of live flows get their byte counts.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes the agent itself has moved for a live flow so far, (client -> endpoint, endpoint ->
+/// client). Read by the publisher; only ever grows.
+pub trait AgentBytes: Send + Sync {
+    fn agent_bytes(&self) -> (u64, u64);
+}
+
+impl AgentBytes for Progress {
+    fn agent_bytes(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A live flow the publisher follows.
+struct Tracked {
+    /// Its entry as last written; `None` when it could not be read (then only counted).
+    info: Option<FlowInfo>,
+    route_id: u32,
+    bytes: Arc<dyn AgentBytes>,
+    /// Of the agent's bytes, those already handed to the counters.
+    counted: (u64, u64),
+    /// The flow's cluster, for the Prometheus counters (`None`: not known to this agent).
+    cluster: Option<Arc<str>>,
+}
+
+/// Where the publisher hands a flow's new agent bytes: (route id, cluster, up, down).
+pub type CountSink<'a> = dyn FnMut(u32, Option<&str>, u64, u64) + 'a;
 
 pub struct FlowRecords {
     map: Mutex<HashMap<MapData, u64, FlowInfo>>,
-    /// Live userspace flows: client cookie -> their entry and the copy's counters. Locked before
-    /// `map`, and held while an entry is written or deleted, so the publisher can never write back
-    /// the entry of a flow that just ended.
-    userspace: Mutex<StdHashMap<u64, (FlowInfo, Arc<Progress>)>>,
+    /// Live flows: client cookie -> what the publisher needs. Locked before `map`, and held while
+    /// an entry is written or deleted, so the publisher can never write back the entry of a flow
+    /// that just ended, nor count bytes its end counts too.
+    live: Mutex<StdHashMap<u64, Tracked>>,
 }
 
 impl std::fmt::Debug for FlowRecords {
@@ -63,14 +96,10 @@ pub fn describe(
 
 impl FlowRecords {
     pub fn new(map: HashMap<MapData, u64, FlowInfo>) -> Arc<Self> {
-        let records = Arc::new(Self {
+        Arc::new(Self {
             map: Mutex::new(map),
-            userspace: Mutex::new(StdHashMap::new()),
-        });
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(publish(Arc::downgrade(&records)));
-        }
-        records
+            live: Mutex::new(StdHashMap::new()),
+        })
     }
 
     fn write(&self, cookie: u64, info: &FlowInfo) {
@@ -80,54 +109,96 @@ impl FlowRecords {
         }
     }
 
-    /// Records a spliced flow.
-    pub fn insert(&self, cookie: u64, info: &FlowInfo) {
-        self.write(cookie, info);
-    }
-
-    /// Deletes a spliced flow's entry.
-    pub fn remove(&self, cookie: u64) {
-        let _ = lock(&self.map).remove(&cookie);
-    }
-
-    /// Records a userspace flow whose copy counts its bytes in `progress`.
-    pub fn track_userspace(&self, cookie: u64, info: FlowInfo, progress: Arc<Progress>) {
-        let mut live = lock(&self.userspace);
+    /// Writes a flow's entry and follows it: the publisher keeps its bytes current from
+    /// `bytes`, of which `counted` are already in the route and Prometheus counters.
+    pub fn track(
+        &self,
+        cookie: u64,
+        info: FlowInfo,
+        bytes: Arc<dyn AgentBytes>,
+        counted: (u64, u64),
+        cluster: Option<Arc<str>>,
+    ) {
+        let mut live = lock(&self.live);
         self.write(cookie, &info);
-        live.insert(cookie, (info, progress));
+        live.insert(
+            cookie,
+            Tracked {
+                route_id: info.route_id,
+                info: Some(info),
+                bytes,
+                counted,
+                cluster,
+            },
+        );
     }
 
-    /// Deletes a userspace flow's entry.
-    pub fn untrack_userspace(&self, cookie: u64) {
-        let mut live = lock(&self.userspace);
-        live.remove(&cookie);
+    /// Follows a flow whose entry is already in the map (written by the agent before this one).
+    pub fn follow(
+        &self,
+        cookie: u64,
+        route_id: u32,
+        bytes: Arc<dyn AgentBytes>,
+        counted: (u64, u64),
+        cluster: Option<Arc<str>>,
+    ) {
+        let mut live = lock(&self.live);
+        let info = lock(&self.map).get(&cookie, 0).ok();
+        live.insert(
+            cookie,
+            Tracked {
+                info,
+                route_id,
+                bytes,
+                counted,
+                cluster,
+            },
+        );
+    }
+
+    /// A flow ended: its entry goes. Returns its agent bytes already counted (`None` if it was
+    /// not followed); the caller counts the rest.
+    pub fn untrack(&self, cookie: u64) -> Option<(u64, u64)> {
+        let mut live = lock(&self.live);
+        let tracked = live.remove(&cookie);
         let _ = lock(&self.map).remove(&cookie);
+        tracked.map(|t| t.counted)
     }
 
-    /// Rewrites the entries of userspace flows that moved bytes since the last time.
-    fn publish_userspace(&self) {
-        let mut live = lock(&self.userspace);
-        for (cookie, (info, progress)) in live.iter_mut() {
-            let up = progress.up.load(Ordering::Relaxed);
-            let down = progress.down.load(Ordering::Relaxed);
-            if (up, down) != (info.agent_bytes_up, info.agent_bytes_down) {
-                info.agent_bytes_up = up;
-                info.agent_bytes_down = down;
+    /// A flow went to another agent: its entry stays, with its bytes as of now, and this agent
+    /// stops following it. Returns its agent bytes already counted here.
+    pub fn hand_over(&self, cookie: u64) -> Option<(u64, u64)> {
+        let mut live = lock(&self.live);
+        let mut tracked = live.remove(&cookie)?;
+        if let Some(info) = tracked.info.as_mut() {
+            (info.agent_bytes_up, info.agent_bytes_down) = tracked.bytes.agent_bytes();
+            self.write(cookie, info);
+        }
+        Some(tracked.counted)
+    }
+
+    /// Rewrites the entries of flows that moved bytes since the last time and hands their new
+    /// bytes to `sink` (before the entry is written: a reader that sees the entry's bytes sees
+    /// them in the counters too).
+    pub fn publish(&self, sink: &mut CountSink<'_>) {
+        let mut live = lock(&self.live);
+        for (cookie, t) in live.iter_mut() {
+            let (up, down) = t.bytes.agent_bytes();
+            let (new_up, new_down) = (
+                up.saturating_sub(t.counted.0),
+                down.saturating_sub(t.counted.1),
+            );
+            if new_up > 0 || new_down > 0 {
+                sink(t.route_id, t.cluster.as_deref(), new_up, new_down);
+                t.counted = (t.counted.0.max(up), t.counted.1.max(down));
+            }
+            if let Some(info) = t.info.as_mut()
+                && (up, down) != (info.agent_bytes_up, info.agent_bytes_down)
+            {
+                (info.agent_bytes_up, info.agent_bytes_down) = (up, down);
                 self.write(*cookie, info);
             }
         }
-    }
-}
-
-async fn publish(records: std::sync::Weak<FlowRecords>) {
-    let mut tick = tokio::time::interval(PUBLISH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(records) = records.upgrade() else {
-            return;
-        };
-        records.publish_userspace();
     }
 }
 

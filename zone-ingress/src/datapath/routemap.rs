@@ -294,6 +294,24 @@ impl RouteMap {
         });
     }
 
+    /// A live flow holding `id` had the agent move `up`/`down` more bytes itself.
+    pub fn agent_bytes(&self, id: u32, up: u64, down: u64) {
+        if up == 0 && down == 0 {
+            return;
+        }
+        self.update(id, |info| {
+            info.agent_bytes_up += up;
+            info.agent_bytes_down += down;
+        });
+    }
+
+    /// The cluster of route `id`, if it is one.
+    pub fn cluster(&self, id: u32) -> Option<Arc<str>> {
+        let inner = lock(&self.inner);
+        let slot = inner.slots.get(id as usize)?;
+        (!slot.key.1.is_empty()).then(|| slot.key.1.clone())
+    }
+
     /// A flow gives `id` back, after the agent moved `up`/`down` more bytes itself.
     pub fn release(&self, id: u32, up: u64, down: u64) {
         let mut inner = lock(&self.inner);

@@ -42,7 +42,7 @@ use zone_ingress_common::{
     FlowSide, NO_ROUTE,
 };
 
-use super::flowinfo::{self, FlowRecords};
+use super::flowinfo::{self, AgentBytes, FlowRecords};
 use super::local::{LocalRedirect, LocalRedirectMode, Registration};
 use super::routemap::RouteMap;
 use super::userspace::Progress;
@@ -228,6 +228,10 @@ pub struct SplicedFlow {
     /// The local redirect's registration and the endpoint socket's cookie, when the endpoint's
     /// sends go straight to the client socket.
     local: Option<(Registration, u64)>,
+    /// What each direction's agent wrote so far (up, down), kept current by the directions: a
+    /// drain that cuts them off mid-way still knows what is in the peers' streams, and the flow
+    /// map's publisher reads it.
+    written: Arc<[Forwarding; 2]>,
 }
 
 impl SplicedFlow {
@@ -334,8 +338,33 @@ impl Splicer {
                 .unwrap_or_default()
         }));
         Self::spawn_route_sync(Arc::downgrade(&splicer), route_store);
+        Self::spawn_flow_publisher(Arc::downgrade(&splicer));
         Self::spawn_event_reader(splicer.clone(), events);
         splicer
+    }
+
+    /// Keeps the flow map's byte counts current and adds what the agent moved for live flows
+    /// (userspace flows, paused directions) to the route and Prometheus counters as it goes.
+    fn spawn_flow_publisher(splicer: std::sync::Weak<Self>) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(flowinfo::PUBLISH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(splicer) = splicer.upgrade() else {
+                    return;
+                };
+                splicer.records.publish(&mut |route_id, cluster, up, down| {
+                    splicer.routes.agent_bytes(route_id, up, down);
+                    if let Some(cluster) = cluster {
+                        splicer.stats.flow_bytes(cluster, up, down);
+                    }
+                });
+            }
+        });
     }
 
     /// Brings the route map in line with `table` now (the periodic sync lags up to
@@ -377,7 +406,13 @@ impl Splicer {
         self.routes.started(route_id, DATAPATH_USERSPACE, 0, 0);
         let progress = Arc::new(Progress::default());
         let info = flowinfo::describe(down, up, up_cookie, route_id, DATAPATH_USERSPACE);
-        self.records.track_userspace(cookie, info, progress.clone());
+        self.records.track(
+            cookie,
+            info,
+            progress.clone(),
+            (0, 0),
+            Some(route.cluster.clone()),
+        );
         Some(UserspaceFlow {
             cookie,
             route_id,
@@ -385,11 +420,16 @@ impl Splicer {
         })
     }
 
-    /// A userspace flow ended: its entry goes, its bytes go to its route.
-    pub fn end_userspace(&self, flow: UserspaceFlow, summary: &FlowSummary) {
-        self.records.untrack_userspace(flow.cookie);
-        self.routes
-            .release(flow.route_id, summary.bytes_up, summary.bytes_down);
+    /// A userspace flow ended: its entry goes, and the bytes the publisher did not count yet go
+    /// to its route (and, through `summary`, to Prometheus).
+    pub fn end_userspace(&self, flow: UserspaceFlow, summary: &mut FlowSummary) {
+        let (up, down) = self.records.untrack(flow.cookie).unwrap_or_default();
+        self.routes.release(
+            flow.route_id,
+            summary.bytes_up.saturating_sub(up),
+            summary.bytes_down.saturating_sub(down),
+        );
+        (summary.live_counted_up, summary.live_counted_down) = (up, down);
     }
 
     /// Reads limit events from the ring buffer and wakes the direction they concern.
@@ -596,6 +636,7 @@ impl Splicer {
             });
         }
         let (initial_up, initial_down) = (to_up.len() as u64, to_down.len() as u64);
+        let written = Arc::new([Forwarding::new(initial_up), Forwarding::new(initial_down)]);
         self.routes
             .started(route_id, DATAPATH_SOCKMAP, initial_up, initial_down);
         // From now on the flow's bytes show in Prometheus while it runs: these here, the rest
@@ -609,7 +650,13 @@ impl Splicer {
         };
         info.agent_bytes_up = initial_up;
         info.agent_bytes_down = initial_down;
-        self.records.insert(down_cookie, &info);
+        self.records.track(
+            down_cookie,
+            info,
+            written.clone(),
+            (initial_up, initial_down),
+            Some(route.cluster.clone()),
+        );
         Ok(SplicedFlow {
             down,
             up,
@@ -630,6 +677,7 @@ impl Splicer {
                 },
             ],
             local: local_ep,
+            written,
         })
     }
 
@@ -651,6 +699,7 @@ impl Splicer {
             route_id,
             resume,
             local,
+            written,
         } = flow;
         // A local flow (the endpoint's sends go through sk_msg) stays with this agent through a
         // hot restart, like a userspace copy: the handoff carries no local-redirect state, so it
@@ -665,13 +714,7 @@ impl Splicer {
         let [mut up_state, mut down_state] = resume;
         let (mut down, mut up) = (down, up);
         let mut bypassed = None;
-        let (end, copied_up, copied_down) = loop {
-            // What each direction's agent wrote so far, kept current by the directions: a drain
-            // that cuts them off mid-way still knows what is in the peers' streams.
-            let written = [
-                Forwarding::new(up_state.agent_written),
-                Forwarding::new(down_state.agent_written),
-            ];
+        let end = loop {
             // The agent opened `up` (its acknowledged bytes count the SYN); the client opened `down`.
             let to_up = Direction::new(
                 self,
@@ -706,16 +749,16 @@ impl Splicer {
             // peer waiting), and the reset is what tells it the stream broke.
             let outcome = tokio::select! {
                 result = async { tokio::try_join!(to_up.run(), to_down.run()) } => match result {
-                    Ok((Outcome::Ended(u), Outcome::Ended(d))) => {
+                    Ok((Outcome::Ended(_), Outcome::Ended(d))) => {
                         bypassed = Some(d.bypassed);
-                        break (FlowEnd::Closed, u.copied, d.copied);
+                        break FlowEnd::Closed;
                     }
                     Ok((u, d)) => Some((u.state(), d.state())),
                     Err(e) => {
                         tracing::debug!(error = %e, "spliced flow broke; resetting both sides");
                         reset(&down);
                         reset(&up);
-                        break (FlowEnd::Reset, 0, 0);
+                        break FlowEnd::Reset;
                     }
                 },
                 () = drained => None,
@@ -734,7 +777,7 @@ impl Splicer {
                     // would close a stream with a hole or a repeat; a reset says it broke.
                     reset(&down);
                     reset(&up);
-                    break (FlowEnd::Reset, 0, 0);
+                    break FlowEnd::Reset;
                 }
                 for (src_cookie, src, dst, written, dst_syn) in queues {
                     // The endpoint's sk_msg bytes go to the client's stream too.
@@ -760,17 +803,7 @@ impl Splicer {
                 for s in [&up, &down] {
                     let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
                 }
-                break (
-                    FlowEnd::Closed,
-                    written[0]
-                        .bytes
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(initial),
-                    written[1]
-                        .bytes
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(initial_down),
-                );
+                break FlowEnd::Closed;
             };
             (up_state, down_state) = (u, d);
             let state = FlowState {
@@ -792,6 +825,8 @@ impl Splicer {
                 Ok(()) => {
                     lock(&self.watchers).remove(&down_cookie);
                     lock(&self.watchers).remove(&up_cookie);
+                    // Its entry stays for the next agent, which counts its bytes from here on.
+                    self.records.hand_over(down_cookie);
                     return FlowSummary {
                         end: FlowEnd::HandedOver,
                         bytes_up: 0,
@@ -829,19 +864,34 @@ impl Splicer {
             let _ = lock(&self.ctrl).remove(&ep);
             lock(&self.watchers).remove(&ep);
         }
-        self.records.remove(down_cookie);
+        // What the agent moved itself: the replay, then the passed bytes it forwarded (also
+        // those of a flow that broke: they reached the peer).
+        let agent = written.agent_bytes();
+        let (copied_up, copied_down) = (
+            agent.0.saturating_sub(initial),
+            agent.1.saturating_sub(initial_down),
+        );
+        // The publisher handed some of them to the route and Prometheus counters while the flow
+        // ran (the replay at the handoff); the rest go now.
+        let published = self
+            .records
+            .untrack(down_cookie)
+            .unwrap_or((initial, initial_down));
         self.forget(down_cookie, up_cookie);
-        self.routes.release(route_id, copied_up, copied_down);
-        // The replayed bytes went to the stats at the handoff; the verdict added every
-        // redirected byte to the route's counters, if it had an id.
+        self.routes.release(
+            route_id,
+            agent.0.saturating_sub(published.0),
+            agent.1.saturating_sub(published.1),
+        );
+        // The verdict added every redirected byte to the route's counters, if it had an id.
         let counted = |redirected| if route_id == NO_ROUTE { 0 } else { redirected };
         FlowSummary {
             end,
             bytes_up: initial + d.redirected_bytes + copied_up,
             bytes_down: initial_down + u.redirected_bytes + copied_down,
             copied: initial + initial_down + copied_up + copied_down,
-            live_counted_up: initial + counted(d.redirected_bytes),
-            live_counted_down: initial_down + counted(u.redirected_bytes),
+            live_counted_up: published.0 + counted(d.redirected_bytes),
+            live_counted_down: published.1 + counted(u.redirected_bytes),
             duration: started.elapsed(),
         }
     }
@@ -903,6 +953,18 @@ impl Splicer {
             }
         }
         let route_id = self.routes.hold_adopted(state.route_id);
+        let written = Arc::new([
+            Forwarding::new(state.up.agent_written),
+            Forwarding::new(state.down.agent_written),
+        ]);
+        // The entry the old agent kept current; this agent counts what it moves from now on.
+        self.records.follow(
+            state.down_cookie,
+            route_id,
+            written.clone(),
+            (state.up.agent_written, state.down.agent_written),
+            self.routes.cluster(route_id),
+        );
         let started = Instant::now()
             .checked_sub(Duration::from_millis(state.age_ms))
             .unwrap_or_else(Instant::now);
@@ -930,6 +992,7 @@ impl Splicer {
             ],
             // Local flows stay with the agent that spliced them (see `Splicer::run`).
             local: None,
+            written,
         })
     }
 
@@ -1073,6 +1136,16 @@ impl Forwarding {
             bytes: AtomicU64::new(bytes),
             writing: AtomicBool::new(false),
         }
+    }
+}
+
+/// A spliced flow's two directions (up, down).
+impl AgentBytes for [Forwarding; 2] {
+    fn agent_bytes(&self) -> (u64, u64) {
+        (
+            self[0].bytes.load(Ordering::Relaxed),
+            self[1].bytes.load(Ordering::Relaxed),
+        )
     }
 }
 
