@@ -190,10 +190,11 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
 #[unsafe(no_mangle)]
 static TRIM_REPEATS: u8 = 1;
 
-/// Offset of `cb` in `struct sk_buff` on 64-bit kernels (after next, prev, dev, sk and tstamp;
-/// unchanged since 4.x, checked against this kernel's BTF). A received TCP skb's `cb` starts with
-/// `TCP_SKB_CB(skb)->seq`.
-const SKB_CB_OFFSET: usize = 40;
+/// Offset of a received TCP skb's sequence number (`TCP_SKB_CB(skb)->seq`: `tcp_skb_cb.seq` in
+/// `sk_buff.cb`) from the start of `struct sk_buff`: set by the loader from the running kernel's
+/// BTF (40 on x86-64 since 4.x); the loader turns the trim off when it cannot find it.
+#[unsafe(no_mangle)]
+static SKB_SEQ_OFFSET: u32 = 40;
 /// `bpf_skb_adjust_room` on an sk_skb trims at most 4095 bytes per call.
 const TRIM_STEP: u32 = 4095;
 /// Steps per skb: up to ~256 KiB of repeated bytes (a whole GSO retransmission).
@@ -213,7 +214,8 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, side: *mut FlowSide, len: u64) -> Op
     // SAFETY: reads 4 bytes of the kernel's sk_buff behind this program's context; the helper
     // copes with any address.
     let seq = unsafe {
-        bpf_probe_read_kernel((ctx.skb.skb as *const u8).add(SKB_CB_OFFSET) as *const u32)
+        let offset = core::ptr::read_volatile(&SKB_SEQ_OFFSET) as usize;
+        bpf_probe_read_kernel((ctx.skb.skb as *const u8).add(offset) as *const u32)
     };
     let Ok(seq) = seq else {
         return Some(len);

@@ -219,18 +219,42 @@ impl BpfPrograms {
             loader.map_max_entries(map_names::FLOW_INFO, (n / 2).max(1));
         }
         // The verdict trims bytes an overlapping retransmission repeats by reading the skb's TCP
-        // sequence number from the kernel's sk_buff, which needs CAP_PERFMON (or CAP_SYS_ADMIN).
-        let trim =
+        // sequence number from the kernel's sk_buff, which needs CAP_PERFMON (or CAP_SYS_ADMIN)
+        // and the field's offset in this kernel (its BTF).
+        let perfmon =
             crate::privs::current().is_ok_and(|c| crate::privs::perfmon_capable(c.effective));
-        if !trim {
-            tracing::warn!(
-                "no CAP_PERFMON: the splice cannot read TCP sequence numbers, so bytes an \
-                 overlapping retransmission repeats are not trimmed and the integrity checks reset \
-                 such a flow instead; grant CAP_PERFMON (it is dropped after loading) to avoid it"
-            );
-        }
+        let seq_offset = crate::kernel_btf::tcp_skb_seq_offset();
+        let trim = match (&seq_offset, perfmon) {
+            (Ok(_), true) => true,
+            (_, false) => {
+                tracing::warn!(
+                    "no CAP_PERFMON: the splice cannot read TCP sequence numbers, so bytes an \
+                     overlapping retransmission repeats are not trimmed and the integrity checks \
+                     reset such a flow instead; grant CAP_PERFMON (it is dropped after loading) \
+                     to avoid it"
+                );
+                false
+            }
+            (Err(e), true) => {
+                tracing::warn!(
+                    "cannot find where this kernel keeps a TCP segment's sequence number ({e}), so \
+                     bytes an overlapping retransmission repeats are not trimmed and the integrity \
+                     checks reset such a flow instead; check that {} is readable",
+                    crate::kernel_btf::VMLINUX_BTF
+                );
+                false
+            }
+        };
         let trim = u8::from(trim);
         loader.override_global("TRIM_REPEATS", &trim, true);
+        let seq_offset = seq_offset.ok();
+        if let Some(offset) = &seq_offset {
+            tracing::debug!(
+                offset,
+                "sk_buff: TCP sequence number offset from the kernel's BTF"
+            );
+            loader.override_global("SKB_SEQ_OFFSET", offset, true);
+        }
         // The loader opens a map pinned at its path, or creates and pins it there.
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));

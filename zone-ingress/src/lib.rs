@@ -20,6 +20,7 @@ pub mod cp;
 pub mod datapath;
 pub mod guard;
 pub mod handoff;
+pub mod kernel_btf;
 pub mod listener;
 pub mod maps;
 pub mod privs;
