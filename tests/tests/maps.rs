@@ -132,6 +132,28 @@ async fn counted_flow(
     (s, written, read, port)
 }
 
+/// The one live flow, once its entry shows `up`/`down` bytes (at most 3 s: a publish period and
+/// then some).
+async fn one_live_flow(pins: &Path, up: u64, down: u64) -> Vec<Value> {
+    let live = until(
+        Duration::from_secs(3),
+        || flows(pins),
+        |f| f.len() == 1 && u(&f[0], "bytes_up") == up && u(&f[0], "bytes_down") == down,
+    )
+    .await;
+    assert_eq!(live.len(), 1, "one live flow expected: {live:#?}");
+    live
+}
+
+/// The Envoy byte counters (received from, sent to the client) of `SNI_BACKEND`'s flows.
+fn envoy_bytes(m: &zone_ingress_tests::agent::Metrics) -> (u64, u64) {
+    let get = |name| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
+    (
+        get("envoy_tcp_downstream_cx_rx_bytes_total"),
+        get("envoy_tcp_downstream_cx_tx_bytes_total"),
+    )
+}
+
 /// Closes a flow cleanly and reads it to the backend's close.
 async fn close(mut s: Client) {
     s.shutdown().await.expect("close_notify + FIN");
@@ -180,13 +202,7 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
         let (up, down) = (written.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
 
         // The live flow, with the bytes the client's wire saw each way.
-        let live = until(
-            Duration::from_secs(3),
-            || flows(&pins),
-            |f| f.len() == 1 && u(&f[0], "bytes_up") == up && u(&f[0], "bytes_down") == down,
-        )
-        .await;
-        assert_eq!(live.len(), 1, "one live flow expected: {live:#?}");
+        let live = one_live_flow(&pins, up, down).await;
         let f = &live[0];
         assert_eq!(f["datapath"], "sockmap", "{f:#}");
         assert_eq!(f["sni"], SNI_BACKEND, "{f:#}");
@@ -233,12 +249,8 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
 
         // Prometheus sums the kernel counters at scrape time: the live flow is already in.
         let m = agent.metrics().await;
-        let prom = |name: &str| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
         assert_eq!(
-            (
-                prom("envoy_tcp_downstream_cx_rx_bytes_total"),
-                prom("envoy_tcp_downstream_cx_tx_bytes_total")
-            ),
+            envoy_bytes(&m),
             (up, down),
             "Envoy byte counters of a live spliced flow:\n{}",
             m.dump("envoy_tcp")
@@ -341,17 +353,10 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
             "route bytes after both flows closed (the clients' wire totals): {r:#}"
         );
         // Ended flows: kernel counters plus the agent's share (the ClientHellos), no double count.
-        let envoy = |m: &zone_ingress_tests::agent::Metrics| {
-            let get = |name| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
-            (
-                get("envoy_tcp_downstream_cx_rx_bytes_total"),
-                get("envoy_tcp_downstream_cx_tx_bytes_total"),
-            )
-        };
         let m = agent
-            .metrics_until(Duration::from_secs(3), |m| envoy(m) == (up, down))
+            .metrics_until(Duration::from_secs(3), |m| envoy_bytes(m) == (up, down))
             .await;
-        assert_eq!(envoy(&m), (up, down), "{}", m.dump("envoy_tcp"));
+        assert_eq!(envoy_bytes(&m), (up, down), "{}", m.dump("envoy_tcp"));
         let text = bpftool_dump(&pins.join("ZI_FLOW_INFO"));
         assert!(text.contains("Found 0 elements"), "{text}");
     })
@@ -410,13 +415,7 @@ async fn paused_spliced_flows_count_the_agents_bytes_live() {
         let (up, down) = (written.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
 
         // Live: the agent's share is in, within a publish period.
-        let live = until(
-            Duration::from_secs(3),
-            || flows(&pins),
-            |f| f.len() == 1 && u(&f[0], "bytes_up") == up && u(&f[0], "bytes_down") == down,
-        )
-        .await;
-        assert_eq!(live.len(), 1, "one live flow expected: {live:#?}");
+        let live = one_live_flow(&pins, up, down).await;
         assert_eq!(
             (u(&live[0], "bytes_up"), u(&live[0], "bytes_down")),
             (up, down),
@@ -435,16 +434,9 @@ async fn paused_spliced_flows_count_the_agents_bytes_live() {
              echo: {r:#}\n{}",
             agent.stderr()
         );
-        let envoy = |m: &zone_ingress_tests::agent::Metrics| {
-            let get = |name| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
-            (
-                get("envoy_tcp_downstream_cx_rx_bytes_total"),
-                get("envoy_tcp_downstream_cx_tx_bytes_total"),
-            )
-        };
         let m = agent.metrics().await;
         assert_eq!(
-            envoy(&m),
+            envoy_bytes(&m),
             (up, down),
             "Prometheus bytes of the live flow:\n{}",
             m.dump("envoy_tcp")
@@ -467,9 +459,9 @@ async fn paused_spliced_flows_count_the_agents_bytes_live() {
             "the route's bytes after the flow closed: {r:#}"
         );
         let m = agent
-            .metrics_until(Duration::from_secs(3), |m| envoy(m) == (up, down))
+            .metrics_until(Duration::from_secs(3), |m| envoy_bytes(m) == (up, down))
             .await;
-        assert_eq!(envoy(&m), (up, down), "{}", m.dump("envoy_tcp"));
+        assert_eq!(envoy_bytes(&m), (up, down), "{}", m.dump("envoy_tcp"));
     })
     .await
 }
@@ -557,12 +549,8 @@ async fn userspace_flows_are_in_the_flow_map() {
             "a live userspace flow's bytes in its route: {r:#}"
         );
         let m = agent.metrics().await;
-        let prom = |name: &str| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
         assert_eq!(
-            (
-                prom("envoy_tcp_downstream_cx_rx_bytes_total"),
-                prom("envoy_tcp_downstream_cx_tx_bytes_total")
-            ),
+            envoy_bytes(&m),
             (up, REPLY as u64),
             "Prometheus bytes of a live userspace flow:\n{}",
             m.dump("envoy_tcp")
@@ -588,18 +576,13 @@ async fn userspace_flows_are_in_the_flow_map() {
             (up, REPLY as u64),
             "the route holds the userspace flow's bytes once it ended: {r:#}"
         );
-        let envoy = |m: &zone_ingress_tests::agent::Metrics| {
-            let get = |name| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
-            (
-                get("envoy_tcp_downstream_cx_rx_bytes_total"),
-                get("envoy_tcp_downstream_cx_tx_bytes_total"),
-            )
-        };
         let m = agent
-            .metrics_until(Duration::from_secs(3), |m| envoy(m) == (up, REPLY as u64))
+            .metrics_until(Duration::from_secs(3), |m| {
+                envoy_bytes(m) == (up, REPLY as u64)
+            })
             .await;
         assert_eq!(
-            envoy(&m),
+            envoy_bytes(&m),
             (up, REPLY as u64),
             "Prometheus bytes of the ended userspace flow, each counted once:\n{}",
             m.dump("envoy_tcp")

@@ -39,16 +39,21 @@ impl AgentBytes for Progress {
     }
 }
 
+/// What the publisher counts of a live flow.
+pub struct AgentCount {
+    pub bytes: Arc<dyn AgentBytes>,
+    /// Of `bytes`, those already in the route and Prometheus counters.
+    pub counted: (u64, u64),
+    /// The flow's cluster, for the Prometheus counters (`None`: not known to this agent).
+    pub cluster: Option<Arc<str>>,
+}
+
 /// A live flow the publisher follows.
 struct Tracked {
     /// Its entry as last written; `None` when it could not be read (then only counted).
     info: Option<FlowInfo>,
     route_id: u32,
-    bytes: Arc<dyn AgentBytes>,
-    /// Of the agent's bytes, those already handed to the counters.
-    counted: (u64, u64),
-    /// The flow's cluster, for the Prometheus counters (`None`: not known to this agent).
-    cluster: Option<Arc<str>>,
+    count: AgentCount,
 }
 
 /// Where the publisher hands a flow's new agent bytes: (route id, cluster, up, down).
@@ -109,39 +114,23 @@ impl FlowRecords {
         }
     }
 
-    /// Writes a flow's entry and follows it: the publisher keeps its bytes current from
-    /// `bytes`, of which `counted` are already in the route and Prometheus counters.
-    pub fn track(
-        &self,
-        cookie: u64,
-        info: FlowInfo,
-        bytes: Arc<dyn AgentBytes>,
-        counted: (u64, u64),
-        cluster: Option<Arc<str>>,
-    ) {
+    /// Writes a flow's entry and follows it: the publisher keeps its bytes current.
+    pub fn track(&self, cookie: u64, info: FlowInfo, count: AgentCount) {
         let mut live = lock(&self.live);
         self.write(cookie, &info);
+        let route_id = info.route_id;
         live.insert(
             cookie,
             Tracked {
-                route_id: info.route_id,
                 info: Some(info),
-                bytes,
-                counted,
-                cluster,
+                route_id,
+                count,
             },
         );
     }
 
     /// Follows a flow whose entry is already in the map (written by the agent before this one).
-    pub fn follow(
-        &self,
-        cookie: u64,
-        route_id: u32,
-        bytes: Arc<dyn AgentBytes>,
-        counted: (u64, u64),
-        cluster: Option<Arc<str>>,
-    ) {
+    pub fn follow(&self, cookie: u64, route_id: u32, count: AgentCount) {
         let mut live = lock(&self.live);
         let info = lock(&self.map).get(&cookie, 0).ok();
         live.insert(
@@ -149,9 +138,7 @@ impl FlowRecords {
             Tracked {
                 info,
                 route_id,
-                bytes,
-                counted,
-                cluster,
+                count,
             },
         );
     }
@@ -162,7 +149,7 @@ impl FlowRecords {
         let mut live = lock(&self.live);
         let tracked = live.remove(&cookie);
         let _ = lock(&self.map).remove(&cookie);
-        tracked.map(|t| t.counted)
+        tracked.map(|t| t.count.counted)
     }
 
     /// A flow went to another agent: its entry stays, with its bytes as of now, and this agent
@@ -171,10 +158,10 @@ impl FlowRecords {
         let mut live = lock(&self.live);
         let mut tracked = live.remove(&cookie)?;
         if let Some(info) = tracked.info.as_mut() {
-            (info.agent_bytes_up, info.agent_bytes_down) = tracked.bytes.agent_bytes();
+            (info.agent_bytes_up, info.agent_bytes_down) = tracked.count.bytes.agent_bytes();
             self.write(cookie, info);
         }
-        Some(tracked.counted)
+        Some(tracked.count.counted)
     }
 
     /// Rewrites the entries of flows that moved bytes since the last time and hands their new
@@ -183,14 +170,15 @@ impl FlowRecords {
     pub fn publish(&self, sink: &mut CountSink<'_>) {
         let mut live = lock(&self.live);
         for (cookie, t) in live.iter_mut() {
-            let (up, down) = t.bytes.agent_bytes();
+            let c = &mut t.count;
+            let (up, down) = c.bytes.agent_bytes();
             let (new_up, new_down) = (
-                up.saturating_sub(t.counted.0),
-                down.saturating_sub(t.counted.1),
+                up.saturating_sub(c.counted.0),
+                down.saturating_sub(c.counted.1),
             );
             if new_up > 0 || new_down > 0 {
-                sink(t.route_id, t.cluster.as_deref(), new_up, new_down);
-                t.counted = (t.counted.0.max(up), t.counted.1.max(down));
+                sink(t.route_id, c.cluster.as_deref(), new_up, new_down);
+                c.counted = (c.counted.0.max(up), c.counted.1.max(down));
             }
             if let Some(info) = t.info.as_mut()
                 && (up, down) != (info.agent_bytes_up, info.agent_bytes_down)
