@@ -158,6 +158,10 @@ struct Args {
     /// ingress's kernel work (all of the splice's) lands on the load generator's CPU.
     #[arg(long, value_enum, default_value_t = Rps::Hosts)]
     rps: Rps,
+    /// Generic receive offload on every veth of the topology (`on`, as real NICs have it by
+    /// default; on a veth it also means NAPI receive), or veth's default (`off`).
+    #[arg(long, value_enum, default_value_t = Gro::Off)]
+    gro: Gro,
     /// Seed of the random path order (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -183,6 +187,12 @@ enum Rps {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Gro {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum GuardDrop {
     On,
     Only,
@@ -195,6 +205,8 @@ struct Cfg {
     loadgen_cpu: Option<usize>,
     /// RPS masks (hex) of the ingress namespace's veths and of the client's and backend's, when set.
     rps: Option<RpsMasks>,
+    /// GRO on every veth.
+    gro: bool,
     bulk_bytes: u64,
     paced_bytes: u64,
     paced_rate: f64,
@@ -370,6 +382,7 @@ fn run(args: Args) -> Result<()> {
             }),
             _ => None,
         },
+        gro: args.gro == Gro::On,
         bulk_bytes,
         paced_bytes,
         paced_rate: args.paced_rate * 1e6,
@@ -734,6 +747,22 @@ async fn run_one(
         );
         set_rps(&c, &["to-ingress", "to-backend"], &rps.peers);
         set_rps(&b, &["to-ingress", "to-client"], &rps.peers);
+    }
+    if cfg.gro {
+        let sides = [
+            (&topo.ingress, ["to-client", "to-backend"]),
+            (&topo.client, ["to-ingress", "to-backend"]),
+            (&topo.backend, ["to-ingress", "to-client"]),
+        ];
+        for (ns, devs) in sides {
+            ns.exec(move || {
+                for dev in devs {
+                    if let Err(e) = sys::set_gro(dev, true) {
+                        eprintln!("bench: could not turn GRO on for {dev}: {e}");
+                    }
+                }
+            });
+        }
     }
 
     let listener = topo
