@@ -63,6 +63,10 @@ struct Args {
     /// leaves CPU for the rest of the mix on a small machine.
     #[arg(long, default_value_t = 20)]
     bulk_rate_mbs: u32,
+    /// Concurrent workers of unpaced bulk flows (8 MiB to --bulk-max-mib each way as fast as the
+    /// path goes, then 3 s of rest): the load under which veth drops and TCP retransmits.
+    #[arg(long, default_value_t = 1)]
+    bursts: usize,
     /// Concurrent RPC workers (20-200 round trips of 64 B-16 KiB per flow).
     #[arg(long, default_value_t = 4)]
     rpc: usize,
@@ -145,6 +149,7 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
         bulk: args.bulk,
         bulk_max: args.bulk_max_mib.max(1) << 20,
         bulk_rate: args.bulk_rate_mbs.saturating_mul(1_000_000),
+        bursts: args.bursts,
         rpc: args.rpc,
         churn: args.churn,
         slow: args.slow,

@@ -436,6 +436,8 @@ pub struct Mix {
     pub bulk: usize,
     pub bulk_max: u64,
     pub bulk_rate: u32,
+    /// Workers of unpaced bulk flows, each followed by [`BURST_GAP`] of rest.
+    pub bursts: usize,
     pub rpc: usize,
     pub churn: usize,
     pub slow: usize,
@@ -446,6 +448,7 @@ pub struct Mix {
 #[derive(Clone, Copy, Debug)]
 enum Job {
     Bulk,
+    Burst,
     Rpc,
     Churn,
     Slow,
@@ -463,6 +466,7 @@ pub async fn run_clients(
     let mut workers = JoinSet::new();
     let jobs = [
         (Job::Bulk, mix.bulk),
+        (Job::Burst, mix.bursts),
         (Job::Rpc, mix.rpc),
         (Job::Churn, mix.churn),
         (Job::Slow, mix.slow),
@@ -500,12 +504,18 @@ pub async fn run_clients(
                             0
                         }
                     };
+                    if matches!(job, Job::Burst) {
+                        tokio::time::sleep(BURST_GAP).await;
+                    }
                 }
             });
         }
     }
     while workers.join_next().await.is_some() {}
 }
+
+/// Rest after each unpaced bulk flow, so bursts load the machine only part of the time.
+const BURST_GAP: Duration = Duration::from_secs(3);
 
 /// A uniform value in `lo..=hi`.
 fn between(rng: &mut Prng, lo: u64, hi: u64) -> u64 {
@@ -531,6 +541,14 @@ fn plan(job: Job, mix: &Mix, rng: &mut Prng, seed: u64) -> Header {
                 0,
             )
         },
+        // Unpaced, as fast as the path goes: veth then drops packets and TCP retransmits, including
+        // retransmissions that overlap bytes already received (which the splice must not repeat).
+        Job::Burst => h(
+            Kind::Bulk,
+            between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
+            between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
+            0,
+        ),
         Job::Rpc => h(
             Kind::Rpc,
             between(rng, 64, 16 * 1024),
