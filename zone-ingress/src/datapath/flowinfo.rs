@@ -153,15 +153,15 @@ impl FlowRecords {
     }
 
     /// A flow went to another agent: its entry stays, with its bytes as of now, and this agent
-    /// stops following it. Returns its agent bytes already counted here.
-    pub fn hand_over(&self, cookie: u64) -> Option<(u64, u64)> {
+    /// stops following it (the next one counts its bytes from there).
+    pub fn hand_over(&self, cookie: u64) {
         let mut live = lock(&self.live);
-        let mut tracked = live.remove(&cookie)?;
-        if let Some(info) = tracked.info.as_mut() {
+        if let Some(mut tracked) = live.remove(&cookie)
+            && let Some(info) = tracked.info.as_mut()
+        {
             (info.agent_bytes_up, info.agent_bytes_down) = tracked.count.bytes.agent_bytes();
             self.write(cookie, info);
         }
-        Some(tracked.count.counted)
     }
 
     /// Rewrites the entries of flows that moved bytes since the last time and hands their new

@@ -337,32 +337,39 @@ impl Splicer {
                 .map(|s| s.routes.kernel_bytes_by_cluster())
                 .unwrap_or_default()
         }));
-        Self::spawn_route_sync(Arc::downgrade(&splicer), route_store);
-        Self::spawn_flow_publisher(Arc::downgrade(&splicer));
+        // Keeps the route map in line with the current route table (a reload swaps the table).
+        Self::spawn_periodic(&splicer, ROUTE_SYNC_EVERY, move |s| {
+            s.routes.sync(&route_store.load())
+        });
+        // Keeps the flow map's byte counts current and adds what the agent moved for live flows
+        // (userspace flows, paused directions) to the route and Prometheus counters as it goes.
+        Self::spawn_periodic(&splicer, flowinfo::PUBLISH_EVERY, |s| {
+            s.records.publish(&mut |route_id, cluster, up, down| {
+                s.routes.agent_bytes(route_id, up, down);
+                if let Some(cluster) = cluster {
+                    s.stats.flow_bytes(cluster, up, down);
+                }
+            })
+        });
         Self::spawn_event_reader(splicer.clone(), events);
         splicer
     }
 
-    /// Keeps the flow map's byte counts current and adds what the agent moved for live flows
-    /// (userspace flows, paused directions) to the route and Prometheus counters as it goes.
-    fn spawn_flow_publisher(splicer: std::sync::Weak<Self>) {
+    /// Runs `work` every `every` for as long as the splicer lives (nothing without a runtime).
+    fn spawn_periodic(splicer: &Arc<Self>, every: Duration, work: impl Fn(&Self) + Send + 'static) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let splicer = Arc::downgrade(splicer);
         handle.spawn(async move {
-            let mut tick = tokio::time::interval(flowinfo::PUBLISH_EVERY);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(splicer) = splicer.upgrade() else {
                     return;
                 };
-                splicer.records.publish(&mut |route_id, cluster, up, down| {
-                    splicer.routes.agent_bytes(route_id, up, down);
-                    if let Some(cluster) = cluster {
-                        splicer.stats.flow_bytes(cluster, up, down);
-                    }
-                });
+                work(&splicer);
             }
         });
     }
@@ -372,24 +379,6 @@ impl Splicer {
     /// lists the routes it serves from the first moment.
     pub fn sync_routes(&self, table: &Arc<crate::routes::RouteTable>) {
         self.routes.sync(table);
-    }
-
-    /// Keeps the route map in line with the current route table (a reload swaps the table).
-    fn spawn_route_sync(splicer: std::sync::Weak<Self>, store: Arc<RouteStore>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        handle.spawn(async move {
-            let mut tick = tokio::time::interval(ROUTE_SYNC_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(splicer) = splicer.upgrade() else {
-                    return;
-                };
-                splicer.routes.sync(&store.load());
-            }
-        });
     }
 
     /// Records a flow the userspace copy is about to carry in the flow map (datapath
