@@ -145,6 +145,32 @@ async fn one_live_flow(pins: &Path, up: u64, down: u64) -> Vec<Value> {
     live
 }
 
+/// After every flow of `SNI_BACKEND` closed: no entry is left, and its route and the Envoy byte
+/// counters hold the clients' wire totals `up`/`down` (each byte once). Returns the route.
+async fn ended_counters(agent: &Agent<'_>, pins: &Path, up: u64, down: u64) -> Value {
+    let after = until(Duration::from_secs(5), || flows(pins), |f| f.is_empty()).await;
+    assert!(
+        after.is_empty(),
+        "closed flows must leave no entries: {after:#?}"
+    );
+    let r = until(
+        Duration::from_secs(3),
+        || route(pins, SNI_BACKEND),
+        |r| u(r, "bytes_up") == up && u(r, "bytes_down") == down,
+    )
+    .await;
+    assert_eq!(
+        (u(&r, "bytes_up"), u(&r, "bytes_down")),
+        (up, down),
+        "route bytes after the flows closed (the clients' wire totals): {r:#}"
+    );
+    let m = agent
+        .metrics_until(Duration::from_secs(3), |m| envoy_bytes(m) == (up, down))
+        .await;
+    assert_eq!(envoy_bytes(&m), (up, down), "{}", m.dump("envoy_tcp"));
+    r
+}
+
 /// The Envoy byte counters (received from, sent to the client) of `SNI_BACKEND`'s flows.
 fn envoy_bytes(m: &zone_ingress_tests::agent::Metrics) -> (u64, u64) {
     let get = |name| m.get(name, &[("envoy_tcp_prefix", SNI_BACKEND)]) as u64;
@@ -334,29 +360,10 @@ async fn spliced_flows_in_the_maps_match_the_traffic() {
             written.load(Ordering::SeqCst) + written2.load(Ordering::SeqCst),
             read.load(Ordering::SeqCst) + read2.load(Ordering::SeqCst),
         );
-        let after = until(Duration::from_secs(5), || flows(&pins), |f| f.is_empty()).await;
-        assert!(
-            after.is_empty(),
-            "closed flows must leave no entries: {after:#?}"
-        );
-        let r = until(
-            Duration::from_secs(3),
-            || route(&pins, SNI_BACKEND),
-            |r| u(r, "bytes_up") == up && u(r, "bytes_down") == down,
-        )
-        .await;
+        // Ended flows: kernel counters plus the agent's share (the ClientHellos), no double count.
+        let r = ended_counters(&agent, &pins, up, down).await;
         assert_eq!(u(&r, "flows_spliced"), 2, "{r:#}");
         assert_eq!(u(&r, "kernel_flows"), 2, "{r:#}");
-        assert_eq!(
-            (u(&r, "bytes_up"), u(&r, "bytes_down")),
-            (up, down),
-            "route bytes after both flows closed (the clients' wire totals): {r:#}"
-        );
-        // Ended flows: kernel counters plus the agent's share (the ClientHellos), no double count.
-        let m = agent
-            .metrics_until(Duration::from_secs(3), |m| envoy_bytes(m) == (up, down))
-            .await;
-        assert_eq!(envoy_bytes(&m), (up, down), "{}", m.dump("envoy_tcp"));
         let text = bpftool_dump(&pins.join("ZI_FLOW_INFO"));
         assert!(text.contains("Found 0 elements"), "{text}");
     })
@@ -445,23 +452,7 @@ async fn paused_spliced_flows_count_the_agents_bytes_live() {
         // Ended: the rest (close_notify both ways) is counted once, nothing twice.
         close(s).await;
         let (up, down) = (written.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
-        let after = until(Duration::from_secs(5), || flows(&pins), |f| f.is_empty()).await;
-        assert!(after.is_empty(), "the closed flow left entries: {after:#?}");
-        let r = until(
-            Duration::from_secs(3),
-            || route(&pins, SNI_BACKEND),
-            |r| u(r, "bytes_up") == up && u(r, "bytes_down") == down,
-        )
-        .await;
-        assert_eq!(
-            (u(&r, "bytes_up"), u(&r, "bytes_down")),
-            (up, down),
-            "the route's bytes after the flow closed: {r:#}"
-        );
-        let m = agent
-            .metrics_until(Duration::from_secs(3), |m| envoy_bytes(m) == (up, down))
-            .await;
-        assert_eq!(envoy_bytes(&m), (up, down), "{}", m.dump("envoy_tcp"));
+        ended_counters(&agent, &pins, up, down).await;
     })
     .await
 }
