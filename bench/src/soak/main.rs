@@ -7,7 +7,8 @@
 //! arrives. Once per interval it prints one line: flows, bytes, errors, the agent's RSS and the
 //! kernel's memory. At the end it fails (exit 1) on any error (a lost, corrupted or stalled byte, a
 //! failed handshake, a refused connection), on sockets or flows left open in the agent's namespace
-//! once the traffic stopped, or on memory that keeps growing (see [`mem::judge`]).
+//! once the traffic stopped, on memory that keeps growing (see [`mem::judge`]), or on kernel TCP
+//! memory that does not come back once every socket closed.
 //!
 //! Needs root (namespaces, BPF).
 
@@ -28,7 +29,7 @@ use zone_ingress_tests::netns::Topology;
 use zone_ingress_tests::pki::SNI_BACKEND;
 
 use crate::mem::{Sample, Tolerance};
-use crate::traffic::{Counters, Mix};
+use crate::traffic::{BurstDirection, Counters, Mix};
 
 const BACKEND_PORT: u16 = 18443;
 
@@ -67,6 +68,11 @@ struct Args {
     /// path goes, then 3 s of rest): the load under which veth drops and TCP retransmits.
     #[arg(long, default_value_t = 1)]
     bursts: usize,
+    /// Which way the bursts go: both at once (the default), or one way only (`up`: client to
+    /// backend; `down`: backend to client). One-way bursts pause the splice just as often but never
+    /// while the same socket also carries the other direction's redirected bytes.
+    #[arg(long, value_enum, default_value_t = BurstDirection::Both)]
+    burst_direction: BurstDirection,
     /// Concurrent RPC workers (20-200 round trips of 64 B-16 KiB per flow).
     #[arg(long, default_value_t = 4)]
     rpc: usize,
@@ -150,6 +156,7 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
         bulk_max: args.bulk_max_mib.max(1) << 20,
         bulk_rate: args.bulk_rate_mbs.saturating_mul(1_000_000),
         bursts: args.bursts,
+        burst_direction: args.burst_direction,
         rpc: args.rpc,
         churn: args.churn,
         slow: args.slow,
@@ -262,6 +269,13 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
         "{}  (after the traffic stopped)",
         line(start.elapsed(), &counters, &last, last_metrics.as_ref())
     );
+    // Every socket of the run is closed now (the agent's, the clients', the backend's), so the
+    // kernel's TCP memory count should be back where it started.
+    let tcp_mem_left = if drained.is_some() {
+        Some(tcp_memory_left(pid, before.tcp_mem_pages).await)
+    } else {
+        None
+    };
 
     // Verdicts.
     let mut failures: Vec<String> = Vec::new();
@@ -289,6 +303,19 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
                 .map_or(f64::NAN, |m| m.get("zone_ingress_downstream_cx_active", &[]))
         )),
         None => {}
+    }
+    if let Some((left, allowed)) = tcp_mem_left {
+        println!(
+            "soak: kernel TCP memory after the drain: {left:+} pages against before traffic \
+             ({:+.1} MiB; allowed {allowed}, the kernel's per-CPU reserves)",
+            left as f64 * 4096.0 / (1u64 << 20) as f64
+        );
+        if left > allowed as i64 {
+            failures.push(format!(
+                "kernel TCP memory stayed {left} pages above its level before traffic with every \
+                 socket closed (allowed {allowed}): memory the kernel never got back"
+            ));
+        }
     }
     if let Some(m) = &last_metrics {
         let integrity = m.sum("zone_ingress_splice_integrity_errors_total");
@@ -425,5 +452,23 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
     } else {
         println!("SOAK FAILED: {}", failures.join("; "));
         Ok(false)
+    }
+}
+
+/// Kernel TCP memory in pages above `before` once every socket closed, and what is allowed: each
+/// CPU may keep up to 1 MiB (256 pages) of socket memory in reserve outside the global count, and
+/// the count may still be falling (sockets whose last skb is freed by a deferred kernel worker),
+/// so it is read for up to 10 s until it is within that.
+async fn tcp_memory_left(pid: u32, before: u64) -> (i64, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let allowed = 256 * cpus;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = mem::sample(pid).map_or(before, |s| s.tcp_mem_pages);
+        let left = now as i64 - before as i64;
+        if left <= allowed as i64 || Instant::now() >= deadline {
+            return (left, allowed);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -438,10 +438,19 @@ pub struct Mix {
     pub bulk_rate: u32,
     /// Workers of unpaced bulk flows, each followed by [`BURST_GAP`] of rest.
     pub bursts: usize,
+    pub burst_direction: BurstDirection,
     pub rpc: usize,
     pub churn: usize,
     pub slow: usize,
     pub resets: usize,
+}
+
+/// Which way an unpaced bulk flow (a burst) carries its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BurstDirection {
+    Both,
+    Up,
+    Down,
 }
 
 /// One client worker's job.
@@ -543,12 +552,20 @@ fn plan(job: Job, mix: &Mix, rng: &mut Prng, seed: u64) -> Header {
         },
         // Unpaced, as fast as the path goes: veth then drops packets and TCP retransmits, including
         // retransmissions that overlap bytes already received (which the splice must not repeat).
-        Job::Burst => h(
-            Kind::Bulk,
-            between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
-            between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
-            0,
-        ),
+        Job::Burst => {
+            let mut burst = h(
+                Kind::Bulk,
+                between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
+                between(rng, 8 << 20, mix.bulk_max.max(8 << 20)),
+                0,
+            );
+            match mix.burst_direction {
+                BurstDirection::Both => {}
+                BurstDirection::Up => burst.down = 0,
+                BurstDirection::Down => burst.up = 0,
+            }
+            burst
+        }
         Job::Rpc => h(
             Kind::Rpc,
             between(rng, 64, 16 * 1024),
