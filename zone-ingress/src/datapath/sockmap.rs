@@ -1168,12 +1168,9 @@ impl Outcome {
 const FORWARD_CHUNK: usize = 256 * 1024;
 
 /// The most a paused direction peeks to try to resume (and the most it may have queued to try):
-/// four budgets (16 MiB by default), at least one chunk. A deeper queue is read and forwarded
-/// chunk by chunk first. Not less: a queue the agent reads in chunks reopens the sender's window
-/// with every chunk and refills towards the receive buffer, where a peeked one keeps it closed;
-/// at two budgets `slow_receiver_is_bounded` saw 76-80 MB parked in the kernel (bound 68 MiB).
+/// two budgets, at least one chunk. A deeper queue is read and forwarded chunk by chunk first.
 fn resume_peek(budget: u64) -> usize {
-    usize::try_from(budget.saturating_mul(4))
+    usize::try_from(budget.saturating_mul(2))
         .unwrap_or(usize::MAX)
         .max(FORWARD_CHUNK)
 }
@@ -1282,10 +1279,10 @@ impl<'a> Direction<'a> {
 
             loop {
                 // Two ways to forward. While the peer is slow (its send queue holds a good part
-                // of a budget) or the queue is deeper than four budgets, read and forward in chunks:
+                // of a budget) or the queue is deeper than two budgets, read and forward in chunks:
                 // the flow stays paused anyway, and the agent copies at the peer's pace like
                 // any proxy, each read returning its chunk to the socket's receive memory.
-                // Once the peer has room and at most four budgets are queued, try to resume: peek
+                // Once the peer has room and at most two budgets are queued, try to resume: peek
                 // everything queued, write it, publish, then consume. While the bytes are only
                 // peeked they stay charged to the socket, its window stays closed and the
                 // sender waits, so by the time the agent has forwarded them nothing new was
