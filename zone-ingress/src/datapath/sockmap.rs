@@ -1167,13 +1167,10 @@ impl Outcome {
 /// Bytes read from a paused socket per read call.
 const FORWARD_CHUNK: usize = 256 * 1024;
 
-/// The most a paused direction peeks to try to resume (and the most it may have queued to try):
-/// two budgets, at least one chunk. A deeper queue is read and forwarded chunk by chunk first.
-fn resume_peek(budget: u64) -> usize {
-    usize::try_from(budget.saturating_mul(2))
-        .unwrap_or(usize::MAX)
-        .max(FORWARD_CHUNK)
-}
+/// The largest peek buffer. A socket holding more (receive buffers autotune up to
+/// `tcp_rmem[2]`, 6 MiB by default) is forwarded in pieces, and may then stay paused for as long
+/// as its sender keeps up with the agent.
+const MAX_PEEK: usize = 16 * 1024 * 1024;
 
 impl<'a> Direction<'a> {
     fn new(
@@ -1279,29 +1276,19 @@ impl<'a> Direction<'a> {
 
             loop {
                 // Two ways to forward. While the peer is slow (its send queue holds a good part
-                // of a budget) or the queue is deeper than two budgets, read and forward in chunks:
-                // the flow stays paused anyway, and the agent copies at the peer's pace like
-                // any proxy, each read returning its chunk to the socket's receive memory.
-                // Once the peer has room and at most two budgets are queued, try to resume: peek
-                // everything queued, write it, publish, then consume. While the bytes are only
-                // peeked they stay charged to the socket, its window stays closed and the
-                // sender waits, so by the time the agent has forwarded them nothing new was
-                // passed behind them and the verdict resumes at the next skb. (Reading first
-                // reopens the window before the write, and under a fast sender the agent
-                // chases new passed bytes for as long as the sender keeps up.)
-                //
-                // The peek is bounded: a socket holding tens of MiB of passed bytes (its
-                // receive buffer autotunes up to `tcp_rmem[2]`) that the agent peeked and
-                // writes out as one piece keeps that memory, and its window, for as long as the
-                // peer takes to accept all of it; with both directions of a flow paused that
-                // way, each socket over its receive buffer while it is also the other
-                // direction's sender, a soak saw flows crawl at one segment per retransmission
-                // timeout. Reading a deep queue in chunks keeps the socket like a proxy's.
-                let peek_max = resume_peek(self.splicer.budget);
-                let queued = inq(self.src).ok().filter(|&q| q <= peek_max);
-                let resume = queued.is_some() && self.peer_has_room()?;
-                let got = if let Some(queued) = queued.filter(|_| resume) {
-                    buf.resize(queued.clamp(FORWARD_CHUNK, peek_max), 0);
+                // of a budget), read and forward in chunks: the flow stays paused anyway, and
+                // the agent copies at the peer's pace like any proxy. Once the peer has room,
+                // try to resume: peek everything queued, write it, publish, then consume. While
+                // the bytes are only peeked they stay charged to the socket, its window stays
+                // closed and the sender waits, so by the time the agent has forwarded it all
+                // nothing new was passed behind it and the verdict resumes at the next skb.
+                // Reading first (or a part) reopens the window before the write, and under a
+                // fast sender the agent chases new passed bytes for as long as the sender keeps
+                // up (seen: a bulk flow copied by the agent from its first pause to its end).
+                let resume = self.peer_has_room()?;
+                let got = if resume {
+                    let queued = inq(self.src).unwrap_or(0).clamp(FORWARD_CHUNK, MAX_PEEK);
+                    buf.resize(queued, 0);
                     self.src
                         .try_io(Interest::READABLE, || peek(self.src, &mut buf))
                 } else {
