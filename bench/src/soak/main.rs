@@ -272,7 +272,7 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
     // Every socket of the run is closed now (the agent's, the clients', the backend's), so the
     // kernel's TCP memory count should be back where it started.
     let tcp_mem_left = if drained.is_some() {
-        Some(tcp_memory_left(pid, before.tcp_mem_pages).await)
+        Some(tcp_memory_left(before.tcp_mem_pages).await)
     } else {
         None
     };
@@ -304,17 +304,24 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
         )),
         None => {}
     }
-    if let Some((left, allowed)) = tcp_mem_left {
-        println!(
-            "soak: kernel TCP memory after the drain: {left:+} pages against before traffic \
-             ({:+.1} MiB; allowed {allowed}, the kernel's per-CPU reserves)",
-            left as f64 * 4096.0 / (1u64 << 20) as f64
-        );
-        if left > allowed as i64 {
-            failures.push(format!(
-                "kernel TCP memory stayed {left} pages above its level before traffic with every \
-                 socket closed (allowed {allowed}): memory the kernel never got back"
-            ));
+    match tcp_mem_left {
+        // Not drained: already a failure above, and sockets still hold memory.
+        None => {}
+        Some(None) => {
+            failures.push("could not read /proc/net/sockstat after the drain".to_string())
+        }
+        Some(Some((left, allowed))) => {
+            println!(
+                "soak: kernel TCP memory after the drain: {left:+} pages against before traffic \
+                 ({:+.1} MiB; allowed {allowed}, the kernel's per-CPU reserves)",
+                left as f64 * 4096.0 / (1u64 << 20) as f64
+            );
+            if left > allowed as i64 {
+                failures.push(format!(
+                    "kernel TCP memory stayed {left} pages above its level before traffic with \
+                     every socket closed (allowed {allowed}): memory the kernel never got back"
+                ));
+            }
         }
     }
     if let Some(m) = &last_metrics {
@@ -458,16 +465,15 @@ async fn soak(args: &Args, datapath: Datapath) -> anyhow::Result<bool> {
 /// Kernel TCP memory in pages above `before` once every socket closed, and what is allowed: each
 /// CPU may keep up to 1 MiB (256 pages) of socket memory in reserve outside the global count, and
 /// the count may still be falling (sockets whose last skb is freed by a deferred kernel worker),
-/// so it is read for up to 10 s until it is within that.
-async fn tcp_memory_left(pid: u32, before: u64) -> (i64, u64) {
+/// so it is read for up to 10 s until it is within that. `None` when it cannot be read.
+async fn tcp_memory_left(before: u64) -> Option<(i64, u64)> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let allowed = 256 * cpus;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = mem::sample(pid).map_or(before, |s| s.tcp_mem_pages);
-        let left = now as i64 - before as i64;
+        let left = mem::tcp_mem_pages()? as i64 - before as i64;
         if left <= allowed as i64 || Instant::now() >= deadline {
-            return (left, allowed);
+            return Some((left, allowed));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

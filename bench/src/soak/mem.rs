@@ -32,6 +32,13 @@ pub fn sample(agent_pid: u32) -> Option<Sample> {
     })
 }
 
+/// Kernel-wide TCP buffer memory, pages (`/proc/net/sockstat` `TCP: ... mem`: the same count in
+/// every network namespace). `None` when it cannot be read.
+pub fn tcp_mem_pages() -> Option<u64> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    sockstat_field(&sockstat, "TCP:", "mem")
+}
+
 /// The growth rule for one series, sampled at a fixed interval after warm-up: it "keeps growing" when
 /// the median of each quarter of the run is above the one before *and* the last quarter's median is
 /// above the first post-warm-up one by more than `abs + rel * first`. A one-off spike (a burst of
