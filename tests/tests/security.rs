@@ -3,8 +3,8 @@
 //! - The agent needs CAP_BPF + CAP_NET_ADMIN for the kernel splice: `--datapath sockmap` without one
 //!   refuses to start and names it, `auto` falls back to the userspace copy and says which one.
 //! - Once its programs are loaded it drops CAP_BPF (and CAP_SYS_ADMIN, CAP_PERFMON) from every
-//!   thread, and flows still splice. CAP_NET_ADMIN stays: the splice's local redirect sets
-//!   `SO_SNDBUFFORCE` on client sockets.
+//!   thread, and flows still splice. CAP_NET_ADMIN stays: the splice sets `SO_SNDBUFFORCE` on
+//!   its sockets.
 //! - The admin API (`/config_dump`, `/stats/prometheus`) answers on 127.0.0.1 of the agent's namespace
 //!   only; another namespace dialing `networking.address` on the admin port gets `/ready` and nothing
 //!   else.

@@ -302,9 +302,9 @@ pub struct FlowCtrl {
     /// 0 until the agent armed the flow: the verdict passes every byte to the socket's own queue
     /// (where the userspace copy reads it). 1: redirect.
     pub armed: u64,
-    /// The agent sets it to (bytes the peer's TCP stream took) + budget: redirected bytes past it
-    /// would leave more than the budget in the peer's redirect queue, outside TCP's memory
-    /// accounting. An skb that would pass it pauses the flow (`FlowSide::paused`) and sends the
+    /// The agent sets it to (redirected bytes the peer acknowledged) + budget: redirected bytes
+    /// past it would leave more than the budget in the peer's redirect queue (outside TCP's memory
+    /// accounting) and unacknowledged send queue together. An skb that would pass it pauses the flow (`FlowSide::paused`) and sends the
     /// socket's cookie on `ZI_EVENTS` (once per limit value).
     pub redirect_limit: u64,
     /// Redirected bytes past this (half a budget before the limit) send the socket's cookie on
@@ -362,10 +362,16 @@ pub enum ProgCounter {
     /// Overlapping skbs the verdict could not trim (the repeat goes on; the agent's accounting
     /// then resets the flow).
     OverlapTrimFailed = 16,
+    /// skbs passed while their socket's psock queue held the other direction's redirected skbs:
+    /// they wait behind them, and the kernel charges them later without the socket lock.
+    PassedBehindQueue = 17,
+    /// skbs redirected past the limit because a pause would have passed them behind the other
+    /// direction's redirected skbs.
+    PauseDeferred = 18,
 }
 
 /// Number of [`ProgCounter`] slots.
-pub const PROG_COUNTERS: u32 = 17;
+pub const PROG_COUNTERS: u32 = 19;
 
 /// Names of the [`ProgCounter`] slots, by index, for the ops tooling.
 pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
@@ -386,6 +392,8 @@ pub const PROG_COUNTER_NAMES: [&str; PROG_COUNTERS as usize] = [
     "resumed",
     "overlaps",
     "overlap_trim_failed",
+    "passed_behind_queue",
+    "pause_deferred",
 ];
 
 #[cfg(feature = "user")]

@@ -138,6 +138,10 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
         }
         if (*side).paused != 0 {
             if !(after <= limit && (*side).passed_bytes == forwarded) {
+                // Counted, not avoided: a paused direction's bytes must pass to keep their order.
+                if redirect_queue_len(&ctx) > 0 {
+                    count(ProgCounter::PassedBehindQueue);
+                }
                 (*side).passed_bytes += len;
                 count(ProgCounter::Passed);
                 return SK_PASS;
@@ -145,12 +149,24 @@ pub fn zi_stream_verdict(ctx: SkBuffContext) -> u32 {
             (*side).paused = 0;
             count(ProgCounter::Resumed);
         } else if after > limit {
-            (*side).paused = 1;
-            (*side).pauses += 1;
-            (*side).passed_bytes += len;
-            count(ProgCounter::Paused);
-            count(ProgCounter::Passed);
-            return SK_PASS;
+            // A passed skb that finds this socket's redirect queue non-empty waits in it, and the
+            // kernel's worker charges it to the socket later without the socket lock (a race that
+            // leaks TCP memory). So while the other direction's bytes wait there, the pause is
+            // put off, up to half a budget (`limit - notify_at`) past the limit.
+            let queued = redirect_queue_len(&ctx);
+            if queued > 0 && after - limit <= limit.saturating_sub(notify_at) {
+                count(ProgCounter::PauseDeferred);
+            } else {
+                if queued > 0 {
+                    count(ProgCounter::PassedBehindQueue);
+                }
+                (*side).paused = 1;
+                (*side).pauses += 1;
+                (*side).passed_bytes += len;
+                count(ProgCounter::Paused);
+                count(ProgCounter::Passed);
+                return SK_PASS;
+            }
         }
     }
     let mut peer = unsafe { (*side).peer_cookie };
@@ -195,6 +211,57 @@ static TRIM_REPEATS: u8 = 1;
 /// BTF (40 on x86-64 since 4.x); the loader turns the trim off when it cannot find it.
 #[unsafe(no_mangle)]
 static SKB_SEQ_OFFSET: u32 = 40;
+/// 1 when the verdict may read its socket's redirect queue length (needs CAP_PERFMON and the
+/// offsets below from the kernel's BTF): set by the loader.
+#[unsafe(no_mangle)]
+static PSOCK_READS: u8 = 0;
+/// `sk_buff.sk`, `sock.sk_user_data` and `sk_psock.ingress_skb.qlen`: set by the loader.
+#[unsafe(no_mangle)]
+static SKB_SK_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SK_USER_DATA_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static PSOCK_QUEUE_LEN_OFFSET: u32 = 0;
+/// Flag bits the kernel keeps in the low bits of `sk_user_data` (`SK_USER_DATA_PTRMASK`).
+const SK_USER_DATA_FLAGS: u64 = 0b111;
+
+/// skbs waiting in the psock queue of the skb's socket: the other direction's redirected bytes
+/// not yet sent (and passed skbs queued behind them). 0 when it cannot be read.
+#[inline(always)]
+fn redirect_queue_len(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: reads of constants the loader set, and of kernel memory through
+    // bpf_probe_read_kernel, which copes with any address.
+    unsafe {
+        if core::ptr::read_volatile(&PSOCK_READS) == 0 {
+            return 0;
+        }
+        let skb = ctx.skb.skb as *const u8;
+        let Ok(sk) = bpf_probe_read_kernel(
+            skb.add(core::ptr::read_volatile(&SKB_SK_OFFSET) as usize) as *const u64,
+        ) else {
+            return 0;
+        };
+        if sk == 0 {
+            return 0;
+        }
+        let Ok(user_data) = bpf_probe_read_kernel(
+            (sk as *const u8).add(core::ptr::read_volatile(&SK_USER_DATA_OFFSET) as usize)
+                as *const u64,
+        ) else {
+            return 0;
+        };
+        let psock = user_data & !SK_USER_DATA_FLAGS;
+        if psock == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel(
+            (psock as *const u8).add(core::ptr::read_volatile(&PSOCK_QUEUE_LEN_OFFSET) as usize)
+                as *const u32,
+        )
+        .unwrap_or(0)
+    }
+}
+
 /// `bpf_skb_adjust_room` on an sk_skb trims at most 4095 bytes per call.
 const TRIM_STEP: u32 = 4095;
 /// Steps per skb: up to ~256 KiB of repeated bytes (a whole GSO retransmission).

@@ -453,8 +453,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// Drops the capabilities nothing needs any more, from every thread: CAP_SYS_ADMIN (bpffs is
 /// mounted, the programs loaded), CAP_PERFMON, and CAP_BPF once a probe showed the spliced flows'
 /// map operations work without it (older kernels gate every bpf(2) call on CAP_BPF). CAP_NET_ADMIN
-/// stays with the splice: the local redirect forces the client socket's send buffer with
-/// `SO_SNDBUFFORCE`. With the XDP guard attached or attachable by a reload, CAP_BPF stays too.
+/// stays with the splice: it forces its sockets' send buffers with `SO_SNDBUFFORCE` (the local
+/// redirect's client socket too). With the XDP guard attached or attachable by a reload, CAP_BPF stays too.
 /// With the userspace copy and no guard, all four go. Failing to drop is logged, not fatal: the
 /// agent then runs as privileged as it started.
 fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
@@ -483,15 +483,15 @@ fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
         match privs::works_without(candidates, || s.probe_map_access()) {
             Ok(Ok(())) => (
                 candidates,
-                "the splice's local redirect forces client send buffers (SO_SNDBUFFORCE)",
+                "the splice forces its sockets' send buffers (SO_SNDBUFFORCE)",
             ),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "map access without CAP_BPF failed");
                 (
                     sys_admin_if_bpf | bit(CAP_PERFMON),
                     "this kernel refuses bpf(2) map operations without CAP_BPF \
-                     (kernel.unprivileged_bpf_disabled before Linux 6.5), and the splice's local \
-                     redirect sets SO_SNDBUFFORCE",
+                     (kernel.unprivileged_bpf_disabled before Linux 6.5), and the splice sets \
+                     SO_SNDBUFFORCE",
                 )
             }
             Err(e) => {

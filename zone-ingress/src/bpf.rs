@@ -255,6 +255,28 @@ impl BpfPrograms {
             );
             loader.override_global("SKB_SEQ_OFFSET", offset, true);
         }
+        // Before pausing a direction the verdict looks at its socket's redirect queue (passed
+        // bytes must not wait behind it: ARCHITECTURE.md, Flow control), through the same
+        // CAP_PERFMON reads and three more offsets from the BTF. Without them it pauses at the
+        // limit as before, only more often behind a queue.
+        let psock_offsets = crate::kernel_btf::psock_queue_offsets();
+        match (&psock_offsets, perfmon) {
+            (Ok(o), true) => {
+                tracing::debug!(?o, "psock redirect queue offsets from the kernel's BTF");
+                loader.override_global("PSOCK_READS", &1u8, true);
+                loader.override_global("SKB_SK_OFFSET", &o.skb_sk, true);
+                loader.override_global("SK_USER_DATA_OFFSET", &o.sk_user_data, true);
+                loader.override_global("PSOCK_QUEUE_LEN_OFFSET", &o.psock_queue_len, true);
+            }
+            // The missing CAP_PERFMON was reported above.
+            (Ok(_), false) => {}
+            (Err(e), _) => tracing::warn!(
+                "cannot find the kernel's psock queue in its BTF ({e}): spliced flows pause \
+                 without checking it, which exposes them more often to a kernel race that leaks \
+                 TCP memory; check that {} is readable",
+                crate::kernel_btf::VMLINUX_BTF
+            ),
+        }
         // The loader opens a map pinned at its path, or creates and pins it there.
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));

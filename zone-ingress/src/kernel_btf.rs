@@ -52,6 +52,27 @@ pub fn tcp_skb_seq_offset() -> Result<u32, BtfError> {
     Ok(btf.member_offset("sk_buff", "cb")? + btf.member_offset("tcp_skb_cb", "seq")?)
 }
 
+/// Where the verdict finds how many skbs wait in its socket's redirect queue: the socket an skb
+/// belongs to (`sk_buff.sk`), that socket's psock (`sock.sk_user_data`, flag bits in the low
+/// three bits), and the length of the psock's `ingress_skb` queue (`sk_psock.ingress_skb.qlen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PsockQueueOffsets {
+    pub skb_sk: u32,
+    pub sk_user_data: u32,
+    pub psock_queue_len: u32,
+}
+
+/// [`PsockQueueOffsets`] as the running kernel lays them out.
+pub fn psock_queue_offsets() -> Result<PsockQueueOffsets, BtfError> {
+    let btf = Btf::read(Path::new(VMLINUX_BTF))?;
+    Ok(PsockQueueOffsets {
+        skb_sk: btf.member_offset("sk_buff", "sk")?,
+        sk_user_data: btf.member_offset("sock", "sk_user_data")?,
+        psock_queue_len: btf.member_offset("sk_psock", "ingress_skb")?
+            + btf.member_offset("sk_buff_head", "qlen")?,
+    })
+}
+
 /// One type of the type section, with where its members start.
 #[derive(Clone, Copy)]
 struct Type {
@@ -346,5 +367,17 @@ mod tests {
         assert_eq!(btf.member_offset("sk_buff", "cb").ok(), Some(40));
         assert_eq!(btf.member_offset("tcp_skb_cb", "seq").ok(), Some(0));
         assert_eq!(tcp_skb_seq_offset().ok(), Some(40));
+    }
+
+    /// The running kernel has every member the verdict's redirect-queue check reads, at distinct
+    /// offsets inside their structs.
+    #[test]
+    fn this_kernels_psock_queue_offsets() {
+        let o = psock_queue_offsets()
+            .expect("the kernel's BTF has sk_buff.sk, sock.sk_user_data, sk_psock.ingress_skb");
+        eprintln!("{o:?}");
+        assert!(o.skb_sk > 0 && o.skb_sk < 256, "{o:?}");
+        assert!(o.sk_user_data > 0 && o.sk_user_data < 2048, "{o:?}");
+        assert!(o.psock_queue_len > 0 && o.psock_queue_len < 1024, "{o:?}");
     }
 }

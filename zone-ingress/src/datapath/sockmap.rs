@@ -580,6 +580,19 @@ impl Splicer {
         for s in [&down, &up] {
             reset(s);
         }
+        // Send buffers the psock worker never finds full. It sends a socket's redirect queue only
+        // while the socket is writable (queued memory under half its send buffer) and otherwise
+        // retries a jiffy later; meanwhile a passed skb of the other direction waits behind that
+        // queue and is charged by the worker without the socket lock, a kernel race that leaks
+        // TCP memory (ARCHITECTURE.md, Flow control). The limit counts from acknowledged bytes
+        // (`Direction::regulate`), so the redirect queue and the unacknowledged send queue
+        // together hold about a budget, under half of four budgets even at skb overhead.
+        let sndbuf = spliced_sndbuf(self.budget);
+        for s in [&down, &up] {
+            if let Err(e) = set_sndbuf(s, sndbuf) {
+                tracing::debug!(error = %e, "SO_SNDBUFFORCE failed; the send buffer autotunes");
+            }
+        }
         // skbs that arrived between the drain and the insert sit in the receive queue until the
         // next data-ready event; fire it now so they go through the verdict like every later byte.
         for s in [&down, &up] {
@@ -1285,7 +1298,15 @@ impl<'a> Direction<'a> {
                 // Reading first (or a part) reopens the window before the write, and under a
                 // fast sender the agent chases new passed bytes for as long as the sender keeps
                 // up (seen: a bulk flow copied by the agent from its first pause to its end).
-                let resume = self.peer_has_room()?;
+                let outq = send_queue(self.dst)?;
+                let resume = outq < self.splicer.budget / 4;
+                if !resume && outq >= self.splicer.budget {
+                    // The send buffer is sized for the redirect (four budgets): a copy that
+                    // filled it would park that much for a slow receiver. Keep the copy's queue
+                    // to about a budget, as the redirect's is.
+                    tokio::time::sleep(HOT_TICK).await;
+                    continue;
+                }
                 let got = if resume {
                     let queued = inq(self.src).unwrap_or(0).clamp(FORWARD_CHUNK, MAX_PEEK);
                     buf.resize(queued, 0);
@@ -1343,13 +1364,6 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// Whether `dst` could take a good part of a budget now (its send queue holds less than a
-    /// quarter of one): then a paused direction tries to resume.
-    fn peer_has_room(&self) -> io::Result<bool> {
-        let outq = ioctl_int(self.dst, libc::TIOCOUTQ)?;
-        Ok((outq.max(0) as u64) < self.splicer.budget / 4)
-    }
-
     /// Tells the verdict how many passed bytes are in the peer's stream, with a limit a budget
     /// past what was redirected (which is all in the peer's stream too: the agent wrote after it).
     fn publish_forwarded(&mut self) -> io::Result<()> {
@@ -1397,6 +1411,7 @@ impl<'a> Direction<'a> {
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
+        let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.dst_syn);
         let Some(in_tcp) = self.dst_stream_bytes()? else {
             // The stream is moving too fast to read consistently: measure at the next tick.
             return Ok(true);
@@ -1417,7 +1432,14 @@ impl<'a> Direction<'a> {
         let taken = in_tcp.saturating_sub(self.agent_written() + bypassed);
         let queued = side.redirected_bytes.saturating_sub(taken);
         self.splicer.stats.redirect_queue_measured(queued);
-        let ctrl = self.splicer.flow_ctrl(taken, self.published_forwarded);
+        // The limit counts from what the peer acknowledged, not from what entered its send
+        // queue: redirect queue plus unacknowledged bytes stay within about a budget, which is
+        // what keeps the send buffer sized at setup writable. (The agent's own bytes count as
+        // not yet taken until acknowledged: that only lowers the limit.)
+        let acked_taken = acked.saturating_sub(self.agent_written() + bypassed);
+        let ctrl = self
+            .splicer
+            .flow_ctrl(acked_taken, self.published_forwarded);
         self.splicer
             .set_ctrl(self.src_cookie, ctrl)
             .map_err(io::Error::other)?;
@@ -1564,6 +1586,16 @@ impl<'a> Direction<'a> {
 fn tcp_bytes_received(stream: &TcpStream) -> io::Result<u64> {
     let info: libc::tcp_info = sockopt::get(stream, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.tcpi_bytes_received)
+}
+
+/// The `SO_SNDBUFFORCE` value of a spliced socket: twice the budget, which the kernel doubles.
+fn spliced_sndbuf(budget: u64) -> libc::c_int {
+    libc::c_int::try_from(budget.saturating_mul(2)).unwrap_or(libc::c_int::MAX / 2)
+}
+
+/// Bytes in `stream`'s send queue, unsent or unacknowledged (`SIOCOUTQ`).
+fn send_queue(stream: &TcpStream) -> io::Result<u64> {
+    Ok(ioctl_int(stream, libc::TIOCOUTQ)?.max(0) as u64)
 }
 
 /// Fixes the send buffer (CAP_NET_ADMIN: not capped by `net.core.wmem_max`).
