@@ -155,6 +155,34 @@ pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, [u8;
     }
 }
 
+/// Both directions at once, the client's side of a bulk flow: sends `n` bytes of the seeded PRNG
+/// stream and closes the write side, while reading what the other side sends to a clean EOF.
+/// Returns the SHA-256 sent and (bytes received, their SHA-256); panics naming the side that
+/// failed.
+pub async fn send_and_receive<S: AsyncRead + AsyncWrite>(
+    s: S,
+    n: u64,
+    seed: u64,
+) -> ([u8; 32], (u64, [u8; 32])) {
+    let (mut r, mut w) = tokio::io::split(s);
+    tokio::join!(
+        async {
+            let sha = send_prng(&mut w, n, seed)
+                .await
+                .unwrap_or_else(|e| panic!("client: send {n} bytes: {e}"));
+            w.shutdown()
+                .await
+                .unwrap_or_else(|e| panic!("client: close its write side: {e}"));
+            sha
+        },
+        async {
+            recv_hash(&mut r)
+                .await
+                .unwrap_or_else(|e| panic!("client: receive to a clean EOF: {e}"))
+        }
+    )
+}
+
 /// SHA-256 of `n` bytes of the seeded PRNG stream (what [`send_prng`] sends).
 pub fn prng_sha(n: u64, seed: u64) -> [u8; 32] {
     let mut prng = Prng::new(seed);

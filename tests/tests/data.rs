@@ -56,22 +56,8 @@ async fn bulk_both_ways(dp: Datapath) {
     let s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
         .await
         .expect("mTLS handshake through the agent");
-    let (mut r, mut w) = tokio::io::split(s);
     let start = Instant::now();
-    let (sent_sha, got) = tokio::join!(
-        async {
-            let sha = tls::send_prng(&mut w, n, 1)
-                .await
-                .expect("client: send the bulk stream");
-            w.shutdown().await.expect("client: close its write side");
-            sha
-        },
-        async {
-            tls::recv_hash(&mut r)
-                .await
-                .expect("client: receive the backend's bulk stream to a clean EOF")
-        }
-    );
+    let (sent_sha, got) = tls::send_and_receive(s, n, 1).await;
     let secs = start.elapsed().as_secs_f64();
     let out = backend.outcome(Duration::from_secs(30)).await;
     assert!(out.error.is_none(), "backend failed: {:?}", out.error);

@@ -27,15 +27,7 @@ async fn direct_bulk_both_ways_v4_and_v6() {
             let s = tls::connect(&topo.ingress, addr, SNI_BACKEND)
                 .await
                 .expect("direct TLS to backend");
-            let (mut r, mut w) = tokio::io::split(s);
-            let (sent, got) = tokio::join!(
-                async {
-                    let sha = tls::send_prng(&mut w, n, 1).await.expect("send");
-                    w.shutdown().await.expect("shutdown");
-                    sha
-                },
-                async { tls::recv_hash(&mut r).await.expect("receive") }
-            );
+            let (sent, got) = tls::send_and_receive(s, n, 1).await;
             let out = backend.outcome(Duration::from_secs(10)).await;
             assert!(out.error.is_none(), "{:?}", out.error);
             assert_eq!(out.sni.as_deref(), Some(SNI_BACKEND));

@@ -139,21 +139,7 @@ async fn bulk_flow(
     let s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND)
         .await
         .expect("mTLS handshake through the agent");
-    let (mut r, mut w) = tokio::io::split(s);
-    let both = async {
-        tokio::join!(
-            async {
-                let sha = tls::send_prng(&mut w, up, 41).await.expect("client: send");
-                w.shutdown().await.expect("client: close its write side");
-                sha
-            },
-            async {
-                tls::recv_hash(&mut r)
-                    .await
-                    .expect("client: receive to a clean EOF")
-            }
-        )
-    };
+    let both = tls::send_and_receive(s, up, 41);
     let (sent_sha, got) = match tokio::time::timeout(Duration::from_secs(30), both).await {
         Ok(r) => r,
         Err(_) => panic!("bulk flow not done in 30 s; maps:\n{}", dump_maps(agent)),

@@ -260,11 +260,46 @@ fn mem_sample() -> MemSample {
     }
 }
 
+/// Every `/proc/meminfo` field, in bytes (kB fields converted; counts as they are).
+fn meminfo_fields() -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let mut parts = rest.split_whitespace();
+            let n: u64 = parts.next()?.parse().ok()?;
+            let scale = if parts.next() == Some("kB") { 1024 } else { 1 };
+            Some((name.to_string(), n * scale))
+        })
+        .collect()
+}
+
+/// The `/proc/meminfo` fields that moved most between `base` and `at`, in MiB (for failure
+/// messages: which kind of memory grew).
+fn meminfo_moves(
+    base: &std::collections::BTreeMap<String, u64>,
+    at: &std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, i64)> {
+    let mut moves: Vec<(String, i64)> = at
+        .iter()
+        .filter_map(|(name, &v)| {
+            let d = (v as i64 - *base.get(name)? as i64) / MIB as i64;
+            (d != 0).then(|| (name.clone(), d))
+        })
+        .collect();
+    moves.sort_by_key(|(_, d)| -d.abs());
+    moves.truncate(8);
+    moves
+}
+
 /// What the sampler saw during one transfer (growths are peak minus baseline, in bytes).
 #[derive(Debug, Default)]
 struct Peaks {
     host_growth: u64,
     kernel_growth: u64,
+    /// At the kernel growth's peak, the `/proc/meminfo` fields that moved most since the sampler
+    /// started (MiB).
+    moved_at_peak: Vec<(String, i64)>,
     /// Largest (redirected towards the backend - TCP bytes the backend read).
     backlog: u64,
     samples: u32,
@@ -293,15 +328,18 @@ fn spawn_sampler(
     std::thread::spawn(move || {
         let started = Instant::now();
         let mut p = Peaks::default();
+        let base_fields = meminfo_fields();
         loop {
             let done = stop.load(Ordering::Relaxed);
             let m = mem_sample();
             p.host_growth = p
                 .host_growth
                 .max(m.host_used.saturating_sub(base.host_used));
-            p.kernel_growth = p
-                .kernel_growth
-                .max(m.kernel_used.saturating_sub(base.kernel_used));
+            let kernel_growth = m.kernel_used.saturating_sub(base.kernel_used);
+            if kernel_growth > p.kernel_growth {
+                p.kernel_growth = kernel_growth;
+                p.moved_at_peak = meminfo_moves(&base_fields, &meminfo_fields());
+            }
             // Read the backend's count first: the backlog is then never under-estimated by a read that
             // happened between the two loads.
             let backend_read = raw_read.load(Ordering::Relaxed);
@@ -433,11 +471,13 @@ async fn slow_receiver_run(budget: &str) -> SlowRun {
     };
     eprintln!(
         "slow receiver, --splice-budget {budget}: sender done in {:.2} s, backend done in {:.2} s; \
-         peak growth host {} MiB, kernel {} MiB; peak backlog {:.1} MiB ({} samples)",
+         peak growth host {} MiB, kernel {} MiB (meminfo moves at the peak, MiB: {:?}); peak \
+         backlog {:.1} MiB ({} samples)",
         run.send_secs,
         run.total_secs,
         run.peaks.host_growth / MIB,
         run.peaks.kernel_growth / MIB,
+        run.peaks.moved_at_peak,
         run.peaks.backlog as f64 / MIB as f64,
         run.peaks.samples
     );
@@ -681,20 +721,11 @@ async fn agent_copies_no_payload() {
         let (r0, w0) = proc_io(agent.pid());
 
         let s = tls::connect(&topo.client, agent.addr(), SNI_BACKEND).await.expect("mTLS handshake through the agent");
-        let (mut r, mut w) = tokio::io::split(s);
-        let (sent_sha, got) = tokio::join!(
-            async {
-                let sha = tls::send_prng(&mut w, EACH_WAY, 31).await.expect("client: send");
-                w.shutdown().await.expect("client: close its write side");
-                sha
-            },
-            async { tls::recv_hash(&mut r).await.expect("client: receive to a clean EOF") }
-        );
+        let (sent_sha, got) = tls::send_and_receive(s, EACH_WAY, 31).await;
         let out = backend.outcome(Duration::from_secs(20)).await;
         assert!(out.error.is_none(), "backend failed: {:?}", out.error);
         assert_eq!((out.received, out.received_sha), (EACH_WAY, sent_sha), "client->backend bytes differ");
         assert_eq!(got, (EACH_WAY, out.sent_sha), "backend->client bytes differ");
-        drop((r, w));
 
         let m = wait_no_active_cx(&agent).await;
         let (r1, w1) = proc_io(agent.pid());
@@ -818,21 +849,7 @@ async fn bulk_flow(
         "the agent's sockets to the client and to the backend should each have a send buffer of four \
          budgets (SO_SNDBUFFORCE of two, doubled by the kernel)"
     );
-    let (mut r, mut w) = tokio::io::split(s);
-    let (sent_sha, got) = tokio::join!(
-        async {
-            let sha = tls::send_prng(&mut w, up, 30 + u64::from(round))
-                .await
-                .expect("client: send");
-            w.shutdown().await.expect("client: close its write side");
-            sha
-        },
-        async {
-            tls::recv_hash(&mut r)
-                .await
-                .expect("client: receive to a clean EOF")
-        }
-    );
+    let (sent_sha, got) = tls::send_and_receive(s, up, 30 + u64::from(round)).await;
     let out = backend.outcome(Duration::from_secs(30)).await;
     assert!(out.error.is_none(), "backend failed: {:?}", out.error);
     assert_eq!(
@@ -841,7 +858,6 @@ async fn bulk_flow(
         "client->backend bytes differ"
     );
     assert_eq!(got, (down, out.sent_sha), "backend->client bytes differ");
-    drop((r, w));
     wait_no_active_cx(&agent).await;
     prog_counters(agent.pin_dir())
 }

@@ -13,7 +13,8 @@
 //!   there and a paused flow stalls (ARCHITECTURE.md, "Reading path and integrity").
 //!
 //! Bounded memory (DESIGN.md section 3.7): the agent keeps, per direction, a limit of what the
-//! peer's TCP stream took plus the budget. An skb that would pass it pauses the flow: the verdict
+//! peer acknowledged plus the budget (the spliced sockets' send buffers are four budgets, so the
+//! kernel's worker always finds room: ARCHITECTURE.md, "The kernel's psock race"). An skb that would pass it pauses the flow: the verdict
 //! passes it (and every later one) to the source socket's own queue, where it is charged to the
 //! socket's receive memory, so TCP closes the window and the remote sender slows, as it would
 //! behind a userspace proxy's full buffer. The agent reads the passed bytes, waits until the
@@ -1046,8 +1047,9 @@ impl Splicer {
         lock(&self.ctrl).insert(cookie, ctrl, 0)
     }
 
-    /// The control entry of an armed direction whose peer's stream has taken `taken` bytes of
-    /// what was redirected, and whose passed bytes the agent forwarded up to `forwarded`.
+    /// The control entry of an armed direction whose peer has taken `taken` bytes of what was
+    /// redirected (acknowledged them, or, right after the agent forwarded, everything redirected),
+    /// and whose passed bytes the agent forwarded up to `forwarded`.
     fn flow_ctrl(&self, taken: u64, forwarded: u64) -> FlowCtrl {
         FlowCtrl {
             armed: 1,
