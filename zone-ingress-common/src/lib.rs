@@ -304,8 +304,9 @@ pub struct FlowCtrl {
     pub armed: u64,
     /// The agent sets it to (redirected bytes the peer acknowledged) + budget: redirected bytes
     /// past it would leave more than the budget in the peer's redirect queue (outside TCP's memory
-    /// accounting) and unacknowledged send queue together. An skb that would pass it pauses the flow (`FlowSide::paused`) and sends the
-    /// socket's cookie on `ZI_EVENTS` (once per limit value).
+    /// accounting) and unacknowledged send queue together. An skb that would pass it pauses the
+    /// flow (`FlowSide::paused`) and sends the socket's cookie on `ZI_EVENTS` (once per limit
+    /// value).
     pub redirect_limit: u64,
     /// Redirected bytes past this (half a budget before the limit) send the socket's cookie on
     /// `ZI_EVENTS`, once per value, and keep being redirected: the agent then watches the

@@ -454,9 +454,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// mounted, the programs loaded), CAP_PERFMON, and CAP_BPF once a probe showed the spliced flows'
 /// map operations work without it (older kernels gate every bpf(2) call on CAP_BPF). CAP_NET_ADMIN
 /// stays with the splice: it forces its sockets' send buffers with `SO_SNDBUFFORCE` (the local
-/// redirect's client socket too). With the XDP guard attached or attachable by a reload, CAP_BPF stays too.
-/// With the userspace copy and no guard, all four go. Failing to drop is logged, not fatal: the
-/// agent then runs as privileged as it started.
+/// redirect's client socket too). With the XDP guard attached or attachable by a reload, CAP_BPF
+/// stays too. With the userspace copy and no guard, all four go. Failing to drop is logged, not
+/// fatal: the agent then runs as privileged as it started.
 fn drop_capabilities(splicer: Option<&Splicer>, guard_in_play: bool) {
     use crate::privs::{self, CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, bit};
     let eff = match privs::current() {

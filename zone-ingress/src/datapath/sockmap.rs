@@ -14,14 +14,15 @@
 //!
 //! Bounded memory (DESIGN.md section 3.7): the agent keeps, per direction, a limit of what the
 //! peer acknowledged plus the budget (the spliced sockets' send buffers are four budgets, so the
-//! kernel's worker always finds room: ARCHITECTURE.md, "The kernel's psock race"). An skb that would pass it pauses the flow: the verdict
-//! passes it (and every later one) to the source socket's own queue, where it is charged to the
-//! socket's receive memory, so TCP closes the window and the remote sender slows, as it would
-//! behind a userspace proxy's full buffer. The agent reads the passed bytes, waits until the
-//! redirect queue has drained into the peer's TCP stream, writes them there and publishes how many
-//! it forwarded; the verdict redirects again from the first skb that arrives once the agent has
-//! forwarded every passed byte, so a redirected byte never overtakes a passed one. While the peer
-//! stays slower than the sender the flow stays paused, copied by the agent at the peer's pace.
+//! kernel's worker always finds room: ARCHITECTURE.md, "The kernel's psock race"). An skb that
+//! would pass it pauses the flow: the verdict passes it (and every later one) to the source
+//! socket's own queue, where it is charged to the socket's receive memory, so TCP closes the
+//! window and the remote sender slows, as it would behind a userspace proxy's full buffer. The
+//! agent reads the passed bytes, waits until the redirect queue has drained into the peer's TCP
+//! stream, writes them there and publishes how many it forwarded; the verdict redirects again
+//! from the first skb that arrives once the agent has forwarded every passed byte, so a
+//! redirected byte never overtakes a passed one. While the peer stays slower than the sender the
+//! flow stays paused, copied by the agent at the peer's pace.
 //!
 //! FIN is not forwarded by the kernel: on EOF the agent waits until every redirected byte entered
 //! the peer's TCP stream, then shuts the peer's write side; a reset resets the other side.
@@ -585,9 +586,10 @@ impl Splicer {
         // while the socket is writable (queued memory under half its send buffer) and otherwise
         // retries a jiffy later; meanwhile a passed skb of the other direction waits behind that
         // queue and is charged by the worker without the socket lock, a kernel race that leaks
-        // TCP memory (ARCHITECTURE.md, Flow control). The limit counts from acknowledged bytes
-        // (`Direction::regulate`), so the redirect queue and the unacknowledged send queue
-        // together hold about a budget, under half of four budgets even at skb overhead.
+        // TCP memory (ARCHITECTURE.md, "The kernel's psock race"). The limit counts from
+        // acknowledged bytes (`Direction::regulate`), so the redirect queue and the
+        // unacknowledged send queue together hold about a budget, under half of four budgets
+        // even at skb overhead.
         let sndbuf = spliced_sndbuf(self.budget);
         for s in [&down, &up] {
             if let Err(e) = set_sndbuf(s, sndbuf) {
@@ -1017,7 +1019,7 @@ impl Splicer {
         dst_syn: u64,
         bypass: Option<u64>,
     ) -> io::Result<bool> {
-        let Some(in_tcp) = tcp_stream_bytes(dst)? else {
+        let Some(in_tcp) = tcp_stream_bytes(dst)?.map(StreamBytes::total) else {
             return Ok(false);
         };
         let side = self.side(src_cookie);
@@ -1413,11 +1415,11 @@ impl<'a> Direction<'a> {
         // Stream bytes first, redirected bytes second: both only grow, and the kernel keeps
         // redirecting and sending in between, so this order can only overstate what was
         // redirected, never flag bytes that are simply newer than the first reading.
-        let acked = tcp_bytes_acked(self.dst)?.saturating_sub(self.dst_syn);
-        let Some(in_tcp) = self.dst_stream_bytes()? else {
+        let Some(stream) = self.dst_stream_bytes()? else {
             // The stream is moving too fast to read consistently: measure at the next tick.
             return Ok(true);
         };
+        let in_tcp = stream.total();
         let side = self.splicer.side(self.src_cookie);
         let bypassed = self.bypassed();
         self.check_not_ahead(&side, in_tcp, bypassed)?;
@@ -1438,7 +1440,7 @@ impl<'a> Direction<'a> {
         // queue: redirect queue plus unacknowledged bytes stay within about a budget, which is
         // what keeps the send buffer sized at setup writable. (The agent's own bytes count as
         // not yet taken until acknowledged: that only lowers the limit.)
-        let acked_taken = acked.saturating_sub(self.agent_written() + bypassed);
+        let acked_taken = stream.acked.saturating_sub(self.agent_written() + bypassed);
         let ctrl = self
             .splicer
             .flow_ctrl(acked_taken, self.published_forwarded);
@@ -1484,7 +1486,7 @@ impl<'a> Direction<'a> {
         // consistent reading comes (each ask is up to STREAM_READ_ATTEMPTS pairs of reads).
         let mut in_tcp = None;
         for _ in 0..STREAM_READ_ATTEMPTS {
-            in_tcp = self.dst_stream_bytes()?;
+            in_tcp = self.dst_stream_bytes()?.map(StreamBytes::total);
             if in_tcp.is_some() {
                 break;
             }
@@ -1513,10 +1515,13 @@ impl<'a> Direction<'a> {
             .map_or(0, |ep| self.splicer.side(ep).redirected_bytes)
     }
 
-    /// Data bytes that entered `dst`'s TCP send stream (valid until the agent sends its FIN);
-    /// `None` when no consistent reading could be taken (see [`tcp_stream_bytes`]).
-    fn dst_stream_bytes(&self) -> io::Result<Option<u64>> {
-        Ok(tcp_stream_bytes(self.dst)?.map(|b| b.saturating_sub(self.dst_syn)))
+    /// Data bytes of `dst`'s TCP send stream, without the SYN (valid until the agent sends its
+    /// FIN); `None` when no consistent reading could be taken (see [`tcp_stream_bytes`]).
+    fn dst_stream_bytes(&self) -> io::Result<Option<StreamBytes>> {
+        Ok(tcp_stream_bytes(self.dst)?.map(|b| StreamBytes {
+            acked: b.acked.saturating_sub(self.dst_syn),
+            ..b
+        }))
     }
 
     fn integrity_error(&self, detail: String) -> io::Error {
@@ -1731,17 +1736,33 @@ const TCP_CLOSE: u8 = 7;
 /// acknowledged (a soak saw a finished bulk upload reset for being 766 bytes short this way). So the
 /// acknowledged count is read again after SIOCOUTQ and the pair is used only when it did not move.
 /// `None` when ACKs kept arriving between every pair of reads (the stream is moving; ask again).
-fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<Option<u64>> {
+fn tcp_stream_bytes(stream: &TcpStream) -> io::Result<Option<StreamBytes>> {
     let mut acked = tcp_bytes_acked(stream)?;
     for _ in 0..STREAM_READ_ATTEMPTS {
-        let outq = ioctl_int(stream, libc::TIOCOUTQ)?;
+        let queued = send_queue(stream)?;
         let again = tcp_bytes_acked(stream)?;
         if again == acked {
-            return Ok(Some(acked + outq.max(0) as u64));
+            return Ok(Some(StreamBytes { acked, queued }));
         }
         acked = again;
     }
     Ok(None)
+}
+
+/// One consistent reading of a TCP send stream (see [`tcp_stream_bytes`]).
+#[derive(Clone, Copy, Debug)]
+struct StreamBytes {
+    /// Acknowledged by the peer (`tcpi_bytes_acked`).
+    acked: u64,
+    /// Still in the send queue, unsent or unacknowledged (SIOCOUTQ).
+    queued: u64,
+}
+
+impl StreamBytes {
+    /// Everything that entered the stream.
+    fn total(self) -> u64 {
+        self.acked + self.queued
+    }
 }
 
 /// How many times [`tcp_stream_bytes`] tries for a pair of reads no ACK fell between.
